@@ -1,0 +1,202 @@
+"""Datasets: images scaled to [-1, 1], side S, as batches of float tensors.
+
+`digits` (scikit-learn's bundled 8x8 handwritten digits, upscaled) needs no download and
+is the default. `mnist` and `cifar10` come through torchvision's files; these three fit
+in memory, so they are resized once and kept as one uint8 tensor on the training device
+(no per-image decoding every epoch). `folder`, `imagenet` and `lfw` read an image folder
+(`DATA/train`, evaluation `DATA/val`) through a DataLoader.
+"""
+import os
+import pickle
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from torchvision import datasets, transforms
+
+IN_MEMORY = ("digits", "mnist", "cifar10")
+FOLDERS = ("folder", "imagenet", "lfw")
+DATASETS = IN_MEMORY + FOLDERS
+
+
+class DataError(Exception):
+    """A dataset that is missing or broken; the message says what to do."""
+
+
+def channels_of(dataset):
+    return 1 if dataset in ("digits", "mnist") else 3
+
+
+def to_unit_range(images_uint8):
+    """uint8 in [0, 255] -> float in [-1, 1]: ToTensor then Normalize(0.5, 0.5), per channel."""
+    return images_uint8.float().div_(127.5).sub_(1.0)
+
+
+def _resize(images, size, center_crop=False):
+    """(N, C, H, W) uint8 -> (N, C, size, size) uint8, antialiased, in chunks to bound memory."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images.contiguous()
+    out = []
+    for chunk in images.split(4096):
+        chunk = TF.resize(chunk, [size], antialias=True)  # the shorter side becomes `size`
+        if center_crop:
+            chunk = TF.center_crop(chunk, [size, size])
+        out.append(chunk)
+    return torch.cat(out)
+
+
+def _digits(train):
+    from sklearn.datasets import load_digits
+    bunch = load_digits()
+    images = torch.from_numpy(np.round(bunch.images * (255 / 16)).astype(np.uint8)).unsqueeze(1)
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    # A fixed split: the first 1500 digits train, the last 297 test.
+    split = slice(0, 1500) if train else slice(1500, None)
+    return images[split], labels[split]
+
+
+def _mnist(root, train):
+    raw = os.path.join(root, "MNIST", "raw")
+    prefix = "train" if train else "t10k"
+    needed = [os.path.join(raw, f"{prefix}-{kind}-idx{n}-ubyte") for kind, n in (("images", 3), ("labels", 1))]
+    if not all(os.path.exists(p) for p in needed):
+        try:
+            datasets.MNIST(root, train=train, download=True)
+        except Exception as e:  # no network, or a mirror that is down
+            raise DataError(
+                f"MNIST is not in {raw} and could not be downloaded ({e.__class__.__name__}). "
+                f"Put the four IDX files train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+                f"t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte (uncompressed) in {raw}, "
+                f"then pass --data {root}.") from None
+    try:
+        ds = datasets.MNIST(root, train=train, download=False)
+        images, labels = ds.data, ds.targets
+    except Exception as e:
+        raise DataError(f"cannot read MNIST from {raw}: {e} (is one of {', '.join(map(os.path.basename, needed))} "
+                        f"truncated or not an IDX file?)") from None
+    if len(images) != len(labels) or len(images) == 0:
+        raise DataError(f"MNIST files in {raw} disagree: {len(images)} images, {len(labels)} labels")
+    return images.unsqueeze(1), labels.long()
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """CIFAR-10's python batches are pickles; let them build numpy arrays and nothing else."""
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("builtins", "bytes")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _cifar10(root, train):
+    folder = os.path.join(root, "cifar-10-batches-py")
+    names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    if not all(os.path.exists(os.path.join(folder, n)) for n in names):
+        try:
+            datasets.CIFAR10(root, train=train, download=True)
+        except Exception as e:
+            raise DataError(
+                f"CIFAR-10 is not in {folder} and could not be downloaded ({e.__class__.__name__}). "
+                f"Unpack the python version (cifar-10-python.tar.gz) so that {folder} holds "
+                f"data_batch_1 .. data_batch_5 and test_batch, then pass --data {root}.") from None
+    images, labels = [], []
+    for n in names:
+        path = os.path.join(folder, n)
+        try:
+            with open(path, "rb") as f:
+                batch = _ArraysOnly(f, encoding="latin1").load()
+            images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.append(np.asarray(batch["labels"], dtype=np.int64))
+        except Exception as e:
+            raise DataError(f"cannot read CIFAR-10 batch {path}: {e}") from None
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+
+def load_in_memory(dataset, root, image_size, train=True):
+    """(uint8 images (N, C, S, S), int64 labels (N,)) for digits, mnist or cifar10."""
+    if dataset == "digits":
+        images, labels = _digits(train)
+    elif dataset == "mnist":
+        images, labels = _mnist(root, train)
+    elif dataset == "cifar10":
+        images, labels = _cifar10(root, train)
+    else:
+        raise ValueError(f"{dataset} is not an in-memory dataset")
+    return _resize(images, image_size), labels
+
+
+class TensorBatches:
+    """Minibatches of a dataset held as one uint8 tensor, shuffled by a seeded generator.
+
+    The order of epoch e depends only on (seed, e), so a resumed run sees the same batches.
+    The last incomplete batch is dropped: BatchNorm on the 1x1 top layer and the
+    minibatch-std feature need more than one sample."""
+
+    def __init__(self, images, labels, batch_size, device, shuffle=True, drop_last=True):
+        self.images, self.labels = images.to(device), labels.to(device)
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.order = None
+
+    def set_epoch(self, seed, epoch):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            self.order = torch.randperm(len(self.images), generator=g).to(self.images.device)
+
+    def __len__(self):
+        n, b = len(self.images), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def __iter__(self):
+        order = self.order if self.order is not None else torch.arange(len(self.images), device=self.images.device)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            yield to_unit_range(self.images[idx]), self.labels[idx]
+
+
+class FolderBatches:
+    """Minibatches of an image folder (resize, center-crop), decoded by DataLoader workers."""
+
+    def __init__(self, root, image_size, batch_size, device, workers=4, shuffle=True, drop_last=True):
+        if not os.path.isdir(root):
+            raise DataError(f"image folder {root} does not exist (expected one sub-folder per class)")
+        tf = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size),
+                                 transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.5,) * 3)])
+        try:
+            self.dataset = datasets.ImageFolder(root, tf)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise DataError(f"no images in {root}: {e}") from None
+        self.device, self.shuffle = device, shuffle
+        self.generator = torch.Generator()
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+            num_workers=workers, pin_memory=torch.device(device).type == "cuda",
+            generator=self.generator, persistent_workers=workers > 0)
+
+    def set_epoch(self, seed, epoch):
+        self.generator.manual_seed(seed * 1_000_003 + epoch)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for x, y in self.loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def make_batches(dataset, root, image_size, batch_size, device, train=True, workers=4, shuffle=True,
+                 drop_last=True):
+    """Batches of the train (or test) split; a DataError says what is missing."""
+    if dataset in IN_MEMORY:
+        images, labels = load_in_memory(dataset, root, image_size, train)
+        return TensorBatches(images, labels, batch_size, device, shuffle, drop_last)
+    if dataset in FOLDERS:
+        sub = os.path.join(root, "train" if train else "val")
+        return FolderBatches(sub, image_size, batch_size, device, workers, shuffle, drop_last)
+    raise ValueError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
+
+
+def num_images(batches):
+    return len(batches.images) if isinstance(batches, TensorBatches) else len(batches.dataset)

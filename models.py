@@ -1,0 +1,242 @@
+"""The four networks of Adversarial Wake-Sleep (Benjamin & Kording 2020, arXiv:2006.10811).
+
+A DCGAN-shaped hierarchy with six layers of state h0 (the image) .. h5 (the top):
+
+    layer  name    shape
+    h0     Input   c   x S    x S
+    h1     Layer1  nf  x S/2  x S/2
+    h2     Layer2  2nf x S/4  x S/4
+    h3     Layer3  4nf x S/8  x S/8
+    h4     Layer4  8nf x S/16 x S/16
+    h5     Layer5  nz  x 1    x 1
+
+Inference (feedforward) samples h1..h5 from an image; Generator (feedback) samples
+h0..h4 from h5 = N(z); the wake/sleep Discriminator scores a whole state; the
+Readout discriminator scores Inference's h4 and turns Inference into an image critic
+when gamma < 1. Every network takes its sizes as constructor arguments, so
+`Networks(ModelConfig(...))` is all a script or a test needs.
+"""
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LAYER_NAMES = ("Input", "Layer1", "Layer2", "Layer3", "Layer4", "Layer5")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild the networks; stored in every checkpoint as plain data."""
+    image_size: int = 32
+    channels: int = 1
+    n_filters: int = 64
+    noise_dim: int = 40
+    divisive_normalization: bool = False
+    spectral_norm: bool = False
+    readout: bool = False  # a readout discriminator exists only when gamma < 1
+
+    def __post_init__(self):
+        if self.image_size < 32 or self.image_size % 16:
+            raise ValueError(f"image size must be a multiple of 16 and at least 32, got {self.image_size}")
+        for name in ("channels", "n_filters", "noise_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model fields {sorted(unknown)}")
+        return cls(**d)
+
+    def state_shapes(self):
+        """Shapes (without batch) of h0..h5."""
+        s, nf = self.image_size, self.n_filters
+        return [(self.channels, s, s), (nf, s // 2, s // 2), (2 * nf, s // 4, s // 4),
+                (4 * nf, s // 8, s // 8), (8 * nf, s // 16, s // 16), (self.noise_dim, 1, 1)]
+
+
+def divisive_norm(h, eps=1e-8):
+    """Pixel-wise normalization over channels (ProGAN): h / sqrt(mean_c h^2 + eps). Rows of a 2-D input."""
+    return h * torch.rsqrt(h.pow(2).mean(dim=1, keepdim=True) + eps)
+
+
+def minibatch_stddev(h):
+    """(B, ...) -> (B, F+1): flatten and append the mean over features of the batch std (ProGAN)."""
+    flat = h.flatten(1)
+    std = torch.sqrt(flat.var(dim=0, unbiased=False) + 1e-8).mean()
+    return torch.cat([flat, std.expand(flat.size(0), 1)], dim=1)
+
+
+def _add_noise(h, sigma):
+    # sigma is a 0-d buffer; multiplying keeps it on the device (no host sync).
+    return h + sigma * torch.randn_like(h)
+
+
+class DeReLU(nn.Module):
+    """Entries > 0 pass; the others are replaced by -scale * Exponential(1), scale per channel.
+
+    The inference network's inputs (after ReLU) are mostly exact zeros; this makes them
+    a sample of a continuous density again, which the wake/sleep discriminator needs to
+    compare with the generator's states (SPEC: 'DeReLU')."""
+
+    def __init__(self, channels, scale=0.5):
+        super().__init__()
+        self.register_buffer("scale", torch.full((channels,), float(scale)))
+
+    def forward(self, h):
+        e = torch.empty_like(h).exponential_()
+        return torch.where(h > 0, h, -self.scale.view(1, -1, 1, 1) * e)
+
+
+class Inference(nn.Module):
+    """F: image -> [x, h1, .., h5]. A posterior sampler: its noise is on in eval mode too."""
+
+    def __init__(self, cfg: ModelConfig, sigma=0.01):
+        super().__init__()
+        self.divisive_normalization = cfg.divisive_normalization
+        widths = [s[0] for s in cfg.state_shapes()]
+        self.derelu = nn.ModuleList([nn.Identity()] + [DeReLU(widths[k]) for k in range(1, 5)])
+        convs = []
+        for k in range(1, 6):
+            kernel, stride, pad = (cfg.image_size // 16, 1, 0) if k == 5 else (4, 2, 1)
+            conv = nn.Conv2d(widths[k - 1], widths[k], kernel, stride, pad, bias=False)
+            if cfg.spectral_norm:
+                conv = nn.utils.parametrizations.spectral_norm(conv)
+            convs.append(conv)
+        self.convs = nn.ModuleList(convs)
+        self.norms = nn.ModuleList([nn.BatchNorm2d(w) for w in widths[1:]])
+        self.register_buffer("sigma", torch.tensor(float(sigma)))
+
+    def forward(self, x, to_layer=5):
+        states = [x]
+        h = x
+        for k in range(1, to_layer + 1):
+            h = self.norms[k - 1](self.convs[k - 1](self.derelu[k - 1](h)))
+            h = _add_noise(h, self.sigma)
+            if k < 5:
+                h = F.relu(h)
+            if self.divisive_normalization:
+                h = divisive_norm(h)
+            states.append(h)  # (B, nf * 2^(k-1), S / 2^k, S / 2^k); h5: (B, nz, 1, 1)
+        return states
+
+
+class Generator(nn.Module):
+    """G: z -> [h0, .., h5], top-down. `predict(k, h)` is G's noiseless guess of h(k-1) from hk."""
+
+    def __init__(self, cfg: ModelConfig, sigma=0.01):
+        super().__init__()
+        self.divisive_normalization = cfg.divisive_normalization
+        widths = [s[0] for s in cfg.state_shapes()]
+        convs = []
+        for k in range(1, 6):
+            kernel, stride, pad = (cfg.image_size // 16, 1, 0) if k == 5 else (4, 2, 1)
+            convs.append(nn.ConvTranspose2d(widths[k], widths[k - 1], kernel, stride, pad))
+        self.convs = nn.ModuleList(convs)  # convs[k-1] maps hk -> h(k-1)
+        self.register_buffer("sigma", torch.tensor(float(sigma)))
+
+    def _norm(self, h):
+        return divisive_norm(h) if self.divisive_normalization else h
+
+    def predict(self, k, h):
+        """a_k(ConvT_k(hk)): tanh onto the image, ReLU above; no N and no noise (SPEC, L_G)."""
+        out = self.convs[k - 1](h)
+        return torch.tanh(out) if k == 1 else F.relu(out)
+
+    def forward(self, z):
+        h = self._norm(z)
+        states = [h]
+        for k in range(5, 0, -1):
+            h = self.convs[k - 1](h)
+            if k > 1:
+                h = self._norm(h)
+                if self.training:
+                    h = _add_noise(h, self.sigma)
+                h = F.relu(h)
+            else:
+                h = torch.tanh(h)
+            states.append(h)
+        return states[::-1]  # h0 (B, c, S, S) .. h5 (B, nz, 1, 1)
+
+
+class Discriminator(nn.Module):
+    """D: a whole state [h0, .., h5] -> (B,) score, high for wake, low for sleep.
+
+    One Linear per adjacent pair of layers (each layer flattened + minibatch std),
+    640 hidden units in all, noise, LeakyReLU, row-wise N, Linear to one score."""
+
+    def __init__(self, cfg: ModelConfig, hidden=128, sigma=0.01):
+        super().__init__()
+        dims = [c * h * w + 1 for c, h, w in cfg.state_shapes()]
+        self.pairs = nn.ModuleList([nn.Linear(dims[l] + dims[l + 1], hidden) for l in range(5)])
+        self.out = nn.Linear(5 * hidden, 1)
+        self.divisive_normalization = cfg.divisive_normalization
+        self.register_buffer("sigma", torch.tensor(float(sigma)))
+
+    def forward(self, states):
+        feats = [minibatch_stddev(h) for h in states]
+        hidden = torch.cat([pair(torch.cat([feats[l], feats[l + 1]], dim=1))
+                            for l, pair in enumerate(self.pairs)], dim=1)  # (B, 640)
+        hidden = F.leaky_relu(_add_noise(hidden, self.sigma), 0.01)
+        if self.divisive_normalization:
+            hidden = divisive_norm(hidden)
+        return self.out(hidden).squeeze(1)
+
+
+class Readout(nn.Module):
+    """R: Inference's h4 -> (B,) image-critic score (used only when gamma < 1)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        c, h, w = cfg.state_shapes()[4]
+        self.linear = nn.Linear(c * h * w + 1, 1)
+        if cfg.spectral_norm:
+            self.linear = nn.utils.parametrizations.spectral_norm(self.linear)
+
+    def forward(self, h4):
+        return self.linear(minibatch_stddev(h4)).squeeze(1)
+
+
+def init_weights(module):
+    """DCGAN initialization: conv and linear weights ~ N(0, 0.02), biases 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            # Under spectral norm the trainable tensor is parametrizations.weight.original.
+            weight = m.parametrizations.weight.original if hasattr(m, "parametrizations") else m.weight
+            nn.init.normal_(weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+class Networks(nn.Module):
+    """The four networks as one module, so one `.to(device)` and one state_dict cover them."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.inference = Inference(cfg)
+        self.generator = Generator(cfg)
+        self.discriminator = Discriminator(cfg)
+        self.readout = Readout(cfg) if cfg.readout else None
+        init_weights(self)
+
+    def parts(self):
+        """name -> network, for the networks that exist (readout only when gamma < 1)."""
+        names = ("inference", "generator", "discriminator", "readout")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    @torch.no_grad()
+    def decay_noise(self, factor=10.0):
+        """The paper's 'lr-decay' schedule: divide every noise level and DeReLU scale by factor."""
+        for net in (self.inference, self.generator, self.discriminator):
+            net.sigma /= factor
+        for m in self.inference.derelu:
+            if isinstance(m, DeReLU):
+                m.scale /= factor
+

@@ -1,0 +1,417 @@
+#!/usr/bin/env python
+"""Train a DCGAN-shaped model with Adversarial Wake-Sleep (Benjamin & Kording 2020).
+
+    python train.py                      # a few minutes on CPU: scikit-learn's digits, no download
+    python train.py --dataset mnist --data PATH --image-size 32 --epochs 30 --n-filters 32 \
+        --noise-dim 40 --lr-g 0.00001 --lr-d 0.0001 --lr-e 0.0003 --beta1 0.64 --beta2 .999 \
+        --lamda .9 --kl-from-sn --divisive-normalization True --save-imgs
+
+Writes to --out: checkpoint.pth.tar (after every epoch, whole), metrics.csv (a row per epoch),
+config.json, and with --save-imgs gen_images/imgs_epoch{E}.png.
+"""
+import argparse
+import itertools
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+import losses
+from data import DATASETS, DataError, channels_of, make_batches, num_images
+from metrics import format_probe, layer_features, linear_probe
+from models import ModelConfig, Networks
+from utils import (CHECKPOINT_NAME, UserError, add_bool_flag, check_architecture, load_checkpoint, pick_device,
+                   save_checkpoint, save_grid, write_json, write_metrics_csv)
+
+METRICS = ("loss_d", "loss_f", "loss_g", "loss_r", "d_wake", "d_sleep")
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Adversarial Wake-Sleep training (arXiv:2006.10811)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("-d", "--data", metavar="DIR", default="../data",
+                   help="dataset root: holds MNIST/raw, cifar-10-batches-py, or train/ and val/ image folders")
+    g.add_argument("--dataset", default="digits", choices=DATASETS,
+                   help="digits: scikit-learn's bundled digits, no download; folder/imagenet/lfw: DATA/train")
+    g.add_argument("--image-size", type=int, default=32, help="image side S, a multiple of 16, at least 32")
+    g.add_argument("-j", "--workers", type=int, default=4, help="data-loading processes (image folders only)")
+    g = p.add_argument_group("model")
+    g.add_argument("--n-filters", type=int, default=64, help="channels of Layer1 (doubling up to Layer4)")
+    g.add_argument("--noise-dim", type=int, default=40, help="units of the top layer, Layer5")
+    add_bool_flag(g, "--divisive-normalization", "normalize every layer over channels, pixel by pixel")
+    add_bool_flag(g, "--spectral-norm", "spectral normalization on the inference and readout weights")
+    g = p.add_argument_group("objective")
+    g.add_argument("--gamma", type=float, default=1.0,
+                   help="1: pure wake-sleep; <1 adds the readout image critic; 0: a WGAN-GP")
+    g.add_argument("--lamda", type=float, default=0.3, help="weight of D's L1 gradient penalty on states")
+    g.add_argument("--lamda2", type=float, default=10.0, help="weight of the readout's L2 gradient penalty on images")
+    g.add_argument("--kl-from-sn", action="store_true", help="pull inferred Layer5 towards N(0, 1) (KL, weight 1e-4)")
+    add_bool_flag(g, "--scale-gen-surprisal-by-D", "weigh each sample's generator loss by 2 sigmoid(-D(wake))")
+    add_bool_flag(g, "--prioritized-replay", "dream half the sleep batch from the least wake-like wake tops")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--epochs", type=int, default=20, help="epochs to train in all (a resumed run counts those done)")
+    g.add_argument("-b", "--batch-size", type=int, default=256, help="minibatch size")
+    g.add_argument("--lr-g", type=float, default=1e-4, help="generator learning rate")
+    g.add_argument("--lr-d", "--learning-rate-discriminator", type=float, default=1e-4,
+                   help="wake/sleep discriminator learning rate")
+    g.add_argument("--lr-e", type=float, default=1e-4, help="inference (encoder) learning rate")
+    g.add_argument("--lr-rd", type=float, default=1e-4, help="readout discriminator learning rate")
+    g.add_argument("--beta1", type=float, default=0.5, help="Adam beta1")
+    g.add_argument("--beta2", type=float, default=0.99, help="Adam beta2")
+    g.add_argument("--wd", "--weight-decay", type=float, default=0.0, help="Adam weight decay")
+    g.add_argument("--gradient-clipping", type=float, default=50.0,
+                   help="clip D's and F's gradients to this infinity norm; 0 turns it off")
+    g.add_argument("--lr-decay", type=int, default=10000, metavar="N",
+                   help="a noise schedule despite the name: every N epochs divide all noise levels by 10")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default=".", help="folder for the checkpoint, metrics, config and images")
+    g.add_argument("--resume", default="", metavar="PATH", help="continue from this checkpoint (file or run folder)")
+    g.add_argument("--save-imgs", action="store_true", help="save a 10x10 grid of samples every epoch")
+    g.add_argument("--seed", type=int, default=None, help="random seed (default: drawn, and recorded)")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to train")
+    g.add_argument("--gpu", type=int, default=None, help="CUDA device index (implies --device cuda)")
+    g.add_argument("--probe-folds", type=int, default=5,
+                   help="folds of the linear decoding probe after the last epoch; 0 skips it")
+    return p
+
+
+def check_args(args, parser):
+    """Refuse bad values before any work starts (exit code 2, with the reason)."""
+    problems = []
+    if args.image_size < 32 or args.image_size % 16:
+        problems.append(f"--image-size must be a multiple of 16 and at least 32, got {args.image_size}")
+    if not 0.0 <= args.gamma <= 1.0:
+        problems.append(f"--gamma must lie in [0, 1], got {args.gamma}")
+    for flag in ("batch_size", "epochs", "n_filters", "noise_dim", "lr_g", "lr_d", "lr_e", "lr_rd"):
+        if getattr(args, flag) <= 0:
+            problems.append(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    for flag in ("lamda", "lamda2", "wd", "gradient_clipping", "lr_decay", "workers", "probe_folds"):
+        if getattr(args, flag) < 0:
+            problems.append(f"--{flag.replace('_', '-')} must not be negative, got {getattr(args, flag)}")
+    if not (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1):
+        problems.append(f"--beta1 and --beta2 must lie in [0, 1), got {args.beta1}, {args.beta2}")
+    if args.probe_folds == 1:
+        problems.append("--probe-folds must be 0 (no probe) or at least 2")
+    if args.dataset != "digits" and not os.path.isdir(args.data):
+        problems.append(f"--data {args.data} is not a folder")
+    if args.resume and not os.path.exists(args.resume):
+        problems.append(f"--resume {args.resume}: no such file or folder")
+    if problems:
+        parser.error("; ".join(problems))
+
+
+def model_config(args):
+    return ModelConfig(image_size=args.image_size, channels=channels_of(args.dataset), n_filters=args.n_filters,
+                       noise_dim=args.noise_dim, divisive_normalization=args.divisive_normalization,
+                       spectral_norm=args.spectral_norm, readout=args.gamma < 1)
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    gamma: float = 1.0
+    lamda: float = 0.3
+    lamda2: float = 10.0
+    kl_from_sn: bool = False
+    scale_by_d: bool = False
+    prioritized_replay: bool = False
+    gradient_clipping: float = 50.0
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(args.gamma, args.lamda, args.lamda2, args.kl_from_sn, args.scale_gen_surprisal_by_D,
+                   args.prioritized_replay, args.gradient_clipping)
+
+
+def make_optimizers(nets, args):
+    lrs = {"inference": args.lr_e, "generator": args.lr_g, "discriminator": args.lr_d, "readout": args.lr_rd}
+    return {name: torch.optim.Adam(net.parameters(), lr=lrs[name], betas=(args.beta1, args.beta2),
+                                   weight_decay=args.wd)
+            for name, net in nets.parts().items()}
+
+
+class NonFiniteError(Exception):
+    def __init__(self, terms):
+        super().__init__(", ".join(terms))
+        self.terms = terms
+
+
+def _leaves(states):
+    return [h.detach().requires_grad_(True) for h in states]
+
+
+def training_step(nets, optimizers, x, hp: StepConfig, check_finite=True):
+    """One step of Adversarial Wake-Sleep. Returns the step's metrics as 0-d tensors.
+
+    Every network's gradient comes out of one backward pass of a sum of terms, each
+    reaching only its own network (SPEC: all gradients at the same parameter values,
+    then each Adam steps once). Where a loss and its negation share a forward pass
+    (D and F on the wake state; R and G on the sleep image) the pass runs once and the
+    opposing network receives the input-gradient that the penalty needed anyway."""
+    F, G, D, R = nets.inference, nets.generator, nets.discriminator, nets.readout
+    B = x.size(0)
+    zero = x.new_zeros(())
+    for opt in optimizers.values():
+        opt.zero_grad(set_to_none=True)
+    out = dict.fromkeys(METRICS, zero)
+    surrogates = []  # terms whose gradient (not value) is what a network must follow
+
+    # --- Wake: the inference network samples a state from the data.
+    if R is not None:
+        x = x.detach().requires_grad_(True)  # P2 needs d R(F4(x)) / dx
+    wake = F(x)
+
+    # --- Sleep: the generator dreams a state from noise.
+    z = torch.randn(B, nets.cfg.noise_dim, 1, 1, device=x.device)
+    if hp.gamma > 0:
+        wake_in = _leaves(wake)
+        d_wake = D(wake_in)
+        g_wake = losses.state_gradients(d_wake, wake_in)
+        if hp.prioritized_replay:
+            # Replay the top layers of the wake samples D found least wake-like.
+            worst = d_wake.detach().argsort()[:B // 2]
+            z[:B // 2] = wake[5].detach()[worst]
+    sleep = G(z)
+
+    if hp.gamma > 0:
+        # --- Discriminator: wake states high, sleep states low.
+        sleep_in = _leaves(sleep)
+        d_sleep = D(sleep_in)
+        g_sleep = losses.state_gradients(d_sleep, sleep_in)
+        loss_d = losses.discriminator_loss(d_wake, d_sleep, losses.l1_gradient_penalty(g_wake),
+                                           losses.l1_gradient_penalty(g_sleep), hp.gamma, hp.lamda)
+        if hp.scale_by_d:
+            loss_d = loss_d + losses.centering_loss(d_wake, d_sleep)
+
+        # --- Inference, adversarial: gamma mean D(W). Its gradient w.r.t. W is
+        # gamma / B * d(sum D)/dW, already computed for P1; send it down F.
+        loss_f = losses.inference_adversarial_loss(d_wake, hp.gamma)
+        coef = hp.gamma / B
+        surrogates += [(h * g.detach()).sum() * coef for h, g in zip(wake[1:], g_wake[1:])]
+
+        # --- Generator, predictive: each layer predicts the inferred layer below.
+        weights = losses.surprisal_weights(d_wake) if hp.scale_by_d else None
+        loss_g = hp.gamma * losses.generator_prediction_loss(G, wake, weights)
+        out.update(loss_d=loss_d.detach(), d_wake=d_wake.detach().mean(), d_sleep=d_sleep.detach().mean())
+    else:
+        loss_d = loss_f = loss_g = zero
+    kl = zero
+    if hp.kl_from_sn:
+        kl = 1e-4 * losses.kl_from_standard_normal(wake[5])
+        loss_f = loss_f + kl
+
+    loss_r = zero
+    if R is not None:
+        # --- Readout: R(F4(.)) is a WGAN-GP critic on images, trained with F.
+        r_real = R(wake[4])
+        (grad_real,) = torch.autograd.grad(r_real.sum(), x, create_graph=True)
+        fake = sleep[0].detach().requires_grad_(True)
+        r_fake = R(F(fake, to_layer=4)[4])
+        (grad_fake,) = torch.autograd.grad(r_fake.sum(), fake, create_graph=True)
+        loss_r = losses.readout_critic_loss(r_real, r_fake, losses.l2_gradient_penalty(grad_real),
+                                            losses.l2_gradient_penalty(grad_fake), hp.gamma, hp.lamda2)
+        # G's WGAN term -(1 - gamma) mean R(F4(G(z))): its gradient w.r.t. the image is
+        # -(1 - gamma) / B * grad_fake, already computed for P2.
+        loss_g = loss_g + losses.generator_readout_loss(r_fake.detach(), hp.gamma)
+        surrogates.append((sleep[0] * grad_fake.detach()).sum() * (-(1 - hp.gamma) / B))
+
+    out.update(loss_f=loss_f.detach(), loss_g=loss_g.detach(), loss_r=loss_r.detach())
+    # loss_g's readout part is computed from detached scores: G follows it through its surrogate.
+    total = loss_d + loss_r + kl + loss_g + sum(surrogates, zero)
+    params = [p for net in nets.parts().values() for p in net.parameters()]
+    total.backward(inputs=params)
+
+    if hp.gradient_clipping > 0:
+        for name in ("discriminator", "inference"):
+            torch.nn.utils.clip_grad_norm_(nets.parts()[name].parameters(), hp.gradient_clipping, norm_type="inf")
+    if check_finite:
+        # One host sync per step: the names are looked up only when something is wrong.
+        flags = torch.stack([torch.isfinite(v) for v in out.values()]
+                            + [torch.isfinite(p.grad).all() for p in params if p.grad is not None])
+        if not bool(flags.all()):
+            bad = [k for k, v in out.items() if not torch.isfinite(v)]
+            bad += [f"gradient of {name}" for name, net in nets.parts().items()
+                    if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in net.parameters())]
+            raise NonFiniteError(bad)
+    for opt in optimizers.values():
+        opt.step()
+    return out
+
+
+def epoch_seed(seed, epoch):
+    """The torch seed of one epoch: a run's randomness is a function of (seed, epoch) alone,
+    so a run resumed at an epoch boundary draws exactly what the uninterrupted run drew."""
+    return (seed * 1_000_003 + epoch) % (2 ** 63)
+
+
+class Interrupt:
+    """SIGINT/SIGTERM ask the loop to stop after the current step; a second SIGINT exits at once."""
+
+    def __init__(self):
+        self.signal = None
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, sig, frame):
+        if self.signal is not None:  # asked twice: leave now; checkpoints on disk are whole by design
+            print("\nsecond interrupt: exiting without saving", file=sys.stderr)
+            os._exit(130)
+        self.signal = sig
+        print(f"\n{signal.Signals(sig).name}: stopping after this step and saving a checkpoint "
+              f"(interrupt again to exit at once)", file=sys.stderr)
+
+
+def checkpoint_state(args, nets, optimizers, seed, epoch, step, history, partial=None, probe=None):
+    """Everything a run needs to continue, as tensors and plain data (loads with weights_only=True)."""
+    state = {
+        "model": nets.cfg.to_dict(),
+        "config": {k: v for k, v in vars(args).items()},
+        "seed": seed,
+        "epoch": epoch,  # epochs completed
+        "step": step,  # steps done inside epoch `epoch` (0 at an epoch boundary)
+        "networks": nets.state_dict(),
+        "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+        "history": history,
+        "probe": probe,
+    }
+    if step:  # mid-epoch: the random state is no longer a function of (seed, epoch)
+        state["rng"] = {"cpu": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        state["partial"] = partial
+    return state
+
+
+def run_probe(nets, args, device):
+    """Linear decoding of the labels from each layer on the test split (k-fold)."""
+    try:
+        batches = make_batches(args.dataset, args.data, args.image_size, 512, device, train=False,
+                               workers=args.workers, shuffle=False, drop_last=False)
+    except DataError as e:
+        print(f"skipping the decoding probe: {e}")
+        return None
+    features, labels = layer_features(nets.inference, batches)
+    return linear_probe(features, labels, n_folds=args.probe_folds, seed=0)
+
+
+def train(args):
+    device = pick_device(args.device, args.gpu)
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, CHECKPOINT_NAME)
+    cfg = model_config(args)
+
+    resumed = load_checkpoint(args.resume, map_location=device) if args.resume else None
+    if resumed:
+        check_architecture(ModelConfig.from_dict(resumed["model"]), cfg.to_dict())
+        seed = resumed["seed"] if args.seed is None else args.seed
+    else:
+        seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31)
+    args.seed = seed
+    write_json(os.path.join(args.out, "config.json"), {"model": cfg.to_dict(), "args": vars(args)})
+
+    torch.manual_seed(seed)
+    nets = Networks(cfg).to(device)
+    optimizers = make_optimizers(nets, args)
+    hp = StepConfig.from_args(args)
+    start_epoch, start_step, history, partial = 0, 0, [], None
+    if resumed:
+        nets.load_state_dict(resumed["networks"])
+        for name, opt in optimizers.items():
+            opt.load_state_dict(resumed["optimizers"][name])
+        start_epoch, start_step, history = resumed["epoch"], resumed["step"], resumed["history"]
+        partial = resumed.get("partial")
+        print(f"resumed from {args.resume}: {start_epoch} epochs" + (f" and {start_step} steps" if start_step else ""))
+
+    batches = make_batches(args.dataset, args.data, args.image_size, args.batch_size, device, train=True,
+                           workers=args.workers)
+    if len(batches) == 0:
+        raise UserError(f"--batch-size {args.batch_size} is larger than the {num_images(batches)} training images")
+    # A fixed noise, so that the sample grids of successive epochs are comparable.
+    fixed_z = torch.randn(100, cfg.noise_dim, 1, 1, generator=torch.Generator().manual_seed(seed)).to(device)
+
+    with Interrupt() as interrupt:
+        for epoch in range(start_epoch, args.epochs):
+            if epoch > 0 and args.lr_decay and epoch % args.lr_decay == 0 and start_step == 0:
+                nets.decay_noise(10.0)
+            torch.manual_seed(epoch_seed(seed, epoch))
+            batches.set_epoch(seed, epoch)
+            sums = {k: torch.zeros((), device=device) for k in METRICS}
+            if start_step:  # continue inside an interrupted epoch, exactly where it stopped
+                torch.set_rng_state(resumed["rng"]["cpu"].cpu())
+                if resumed["rng"]["cuda"] and device.type == "cuda":
+                    torch.cuda.set_rng_state_all([s.cpu() for s in resumed["rng"]["cuda"]])
+                sums = {k: torch.as_tensor(partial[k], device=device) for k in METRICS}
+            t0 = time.time()
+            remaining = itertools.islice(iter(batches), start_step, None)
+            bar = tqdm(remaining, desc=f"epoch {epoch + 1}/{args.epochs}", initial=start_step, total=len(batches),
+                       dynamic_ncols=True)
+            step = start_step
+            for step, (x, _) in enumerate(bar, start=start_step + 1):
+                try:
+                    out = training_step(nets, optimizers, x, hp)
+                except NonFiniteError as e:
+                    bar.close()
+                    raise UserError(f"non-finite {e} at epoch {epoch + 1}, step {step}; the last good "
+                                    f"checkpoint is {ckpt_path} (try lower learning rates)") from None
+                for k in METRICS:
+                    sums[k] += out[k]
+                if step % 10 == 0 or step == len(batches):
+                    bar.set_postfix({k: f"{v.item() / step:.3g}" for k, v in sums.items()}, refresh=False)
+                if interrupt.signal is not None:
+                    bar.close()
+                    partial = {k: v.item() for k, v in sums.items()}
+                    save_checkpoint(ckpt_path, checkpoint_state(args, nets, optimizers, seed, epoch, step,
+                                                                history, partial))
+                    print(f"saved {ckpt_path} at epoch {epoch + 1}, step {step}; continue with the same "
+                          f"command and --resume {ckpt_path}", file=sys.stderr)
+                    return 128 + interrupt.signal
+            bar.close()
+            start_step = 0
+            row = {"epoch": epoch + 1, "steps": step, **{k: v.item() / step for k, v in sums.items()},
+                   "sigma": nets.inference.sigma.item(), "seconds": round(time.time() - t0, 3)}
+            history.append(row)
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            if args.save_imgs:
+                nets.generator.eval()
+                with torch.no_grad():
+                    samples = nets.generator(fixed_z)[0]
+                nets.generator.train()
+                save_grid(samples, os.path.join(args.out, "gen_images", f"imgs_epoch{epoch + 1}.png"))
+            save_checkpoint(ckpt_path, checkpoint_state(args, nets, optimizers, seed, epoch + 1, 0, history))
+            write_metrics_csv(os.path.join(args.out, "metrics.csv"), history)
+
+    if args.probe_folds and start_epoch < args.epochs:
+        probe = run_probe(nets, args, device)
+        if probe:
+            print("linear decoding accuracy per layer (test split, %d-fold):" % args.probe_folds)
+            print(format_probe(probe))
+            save_checkpoint(ckpt_path, checkpoint_state(args, nets, optimizers, seed, args.epochs, 0, history,
+                                                        probe=probe))
+    return 0
+
+
+def main(argv=None):
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    check_args(args, parser)
+    try:
+        return train(args)
+    except (UserError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Checkpoints, devices, flags and files shared by train.py and the evaluation scripts."""
+import argparse
+import csv
+import io
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+
+import torch
+from torchvision.utils import save_image
+
+from models import ModelConfig, Networks
+
+CHECKPOINT_NAME = "checkpoint.pth.tar"
+FORMAT = "adversarial-wake-sleep"
+FORMAT_VERSION = 1
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, no traceback."""
+
+
+class CheckpointError(UserError):
+    pass
+
+
+def str2bool(value):
+    """'True'/'False' as the original scripts take them; a bare switch means True."""
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+def add_bool_flag(parser, name, help):
+    """`--name True`, `--name False` (the paper's command lines) and a bare `--name` all work."""
+    parser.add_argument(name, type=str2bool, nargs="?", const=True, default=False, metavar="True|False", help=help)
+
+
+def pick_device(device="auto", gpu=None):
+    if gpu is not None:
+        device = f"cuda:{gpu}"
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} asked for, but this PyTorch sees no CUDA device")
+    return torch.device(device)
+
+
+def _fsync_dir(folder):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some file systems (and Windows) cannot open a directory; the rename still stands
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path, write):
+    """Call write(file) on a temporary file beside `path`, flush it to disk, then rename it over `path`.
+
+    Readers see the old file or the new one, never half of either, even after a SIGKILL."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def save_checkpoint(path, state):
+    state = {"format": FORMAT, "format_version": FORMAT_VERSION, **state}
+    write_atomically(path, lambda f: torch.save(state, f))
+
+
+def resolve_checkpoint_path(path):
+    """A checkpoint file, or a run folder holding checkpoint.pth.tar."""
+    if os.path.isdir(path):
+        path = os.path.join(path, CHECKPOINT_NAME)
+    if not os.path.exists(path):
+        raise CheckpointError(f"no checkpoint at {path}")
+    return path
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Read a checkpoint of this project with weights_only=True; anything else is a CheckpointError."""
+    path = resolve_checkpoint_path(path)
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path} is empty (a write that never finished?)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path} holds Python objects that only a full unpickling could rebuild, which could run "
+            f"arbitrary code; refused. (The original release's checkpoints pickle an argparse Namespace.) "
+            f"Detail: {str(e).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CheckpointError(f"{path} is truncated or not a PyTorch checkpoint: {str(e).splitlines()[0]}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is a PyTorch file but not an adversarial wake-sleep checkpoint")
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format version {state.get('format_version')}; "
+                              f"this code reads version {FORMAT_VERSION}")
+    return state
+
+
+def check_architecture(saved: ModelConfig, requested: dict):
+    """Refuse flags that contradict the checkpoint's architecture, naming every differing field."""
+    diffs = [f"{k}: checkpoint has {getattr(saved, k)!r}, flags say {v!r}"
+             for k, v in requested.items() if v is not None and getattr(saved, k) != v]
+    if diffs:
+        raise CheckpointError("architecture mismatch with the checkpoint: " + "; ".join(diffs))
+
+
+def networks_from_checkpoint(state, device="cpu"):
+    """Rebuild the networks from a checkpoint alone (its model config is plain data)."""
+    cfg = ModelConfig.from_dict(state["model"])
+    nets = Networks(cfg)
+    try:
+        nets.load_state_dict(state["networks"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint weights do not fit its own model config: {str(e).splitlines()[0]}") from None
+    return nets.to(device)
+
+
+def save_grid(images, path, nrow=10):
+    """Images in [-1, 1] as one PNG grid."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    buf = io.BytesIO()
+    save_image(images.float().cpu().add(1).div(2).clamp(0, 1), buf, nrow=nrow, format="png")
+    write_atomically(path, lambda f: f.write(buf.getvalue()))
+
+
+def write_metrics_csv(path, history):
+    """The whole metric history as CSV (rewritten each epoch, so it always matches the checkpoint)."""
+    if not history:
+        return
+    columns = list(history[0])
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(history)
+    write_atomically(path, lambda f: f.write(buf.getvalue().encode()))
+
+
+def write_json(path, obj):
+    write_atomically(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def append_jsonl(path, obj):
+    with open(path, "a") as f:
+        f.write(json.dumps(obj) + "\n")
