@@ -5,7 +5,9 @@ import io
 import json
 import os
 import pickle
+import re
 import tempfile
+import warnings
 import zipfile
 
 import torch
@@ -96,26 +98,55 @@ def resolve_checkpoint_path(path):
     return path
 
 
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
+
+
 def load_checkpoint(path, map_location="cpu"):
-    """Read a checkpoint of this project with weights_only=True; anything else is a CheckpointError."""
+    """Read a checkpoint of this project with weights_only=True; anything else is a CheckpointError.
+
+    weights_only rebuilds tensors and plain containers only: a file that would need other
+    Python objects (and so could run code while being unpickled) is refused before any runs."""
     path = resolve_checkpoint_path(path)
-    if os.path.getsize(path) == 0:
+    with open(path, "rb") as f:
+        head = f.read(len(ZIP_MAGIC))
+    if not head:
         raise CheckpointError(f"{path} is empty (a write that never finished?)")
+    if ZIP_MAGIC.startswith(head) and not zipfile.is_zipfile(path):
+        # A zip archive keeps its directory at the end, the first thing a cut-off copy loses.
+        raise CheckpointError(f"{path} is truncated: a zip archive without its end (a copy or write that never finished?)")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about unusual pickles before refusing them; the error says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        if "weights only load failed" not in str(e).lower():
+            raise CheckpointError(f"{path} is damaged: {_first_line(e)}") from None
+        culprit = re.search(r"GLOBAL (\S+)", str(e))
         raise CheckpointError(
-            f"{path} holds Python objects that only a full unpickling could rebuild, which could run "
-            f"arbitrary code; refused. (The original release's checkpoints pickle an argparse Namespace.) "
-            f"Detail: {str(e).splitlines()[0]}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise CheckpointError(f"{path} is truncated or not a PyTorch checkpoint: {str(e).splitlines()[0]}") from None
+            f"{path} needs Python objects beyond tensors and plain data"
+            + (f" ({culprit.group(1)})" if culprit else "")
+            + " that only a full unpickling could rebuild, and a full unpickling can run arbitrary code: refused. "
+            "(The original release's checkpoints pickle an argparse Namespace.)") from None
+    except Exception as e:  # torch.load fails on foreign bytes in many ways: KeyError, RuntimeError, EOFError ...
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({e.__class__.__name__}: {_first_line(e)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a PyTorch file but not an adversarial wake-sleep checkpoint")
     if state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format version {state.get('format_version')}; "
                               f"this code reads version {FORMAT_VERSION}")
+    missing = [k for k in ("model", "networks") if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is damaged: it lacks {', '.join(missing)}")
+    try:
+        ModelConfig.from_dict(state["model"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} has an invalid model config: {e}") from None
     return state
+
+
+def _first_line(error):
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else "no detail"
 
 
 def check_architecture(saved: ModelConfig, requested: dict):
