@@ -40,8 +40,10 @@ def linear_probe(features, labels, n_folds=10, alpha=1e-4, epochs=5, seed=0, pro
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     splits = list(splitter.split(np.zeros(len(labels)), labels))
     results = {}
-    for name, X in tqdm(list(zip(LAYER_NAMES, features)), desc="probe", disable=not progress, leave=False):
+    bar = tqdm(total=len(LAYER_NAMES) * len(splits), desc="probe", unit="fit", disable=not progress, leave=False)
+    for name, X in zip(LAYER_NAMES, features):
         accs = []
+        bar.set_postfix(layer=name)
         for train_idx, test_idx in splits:
             scaler = StandardScaler().fit(X[train_idx])
             clf = SGDClassifier(loss="hinge", penalty="elasticnet", alpha=alpha, max_iter=epochs, tol=None,
@@ -50,7 +52,9 @@ def linear_probe(features, labels, n_folds=10, alpha=1e-4, epochs=5, seed=0, pro
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 clf.fit(scaler.transform(X[train_idx]), labels[train_idx])
             accs.append(float(clf.score(scaler.transform(X[test_idx]), labels[test_idx])))
+            bar.update()
         results[name] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "folds": accs}
+    bar.close()
     return results
 
 

@@ -13,6 +13,7 @@ import zipfile
 import torch
 from torchvision.utils import save_image
 
+from data import channels_of
 from models import ModelConfig, Networks
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
@@ -39,9 +40,9 @@ def str2bool(value):
     raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
 
 
-def add_bool_flag(parser, name, help):
+def add_bool_flag(parser, name, help, default=False):
     """`--name True`, `--name False` (the paper's command lines) and a bare `--name` all work."""
-    parser.add_argument(name, type=str2bool, nargs="?", const=True, default=False, metavar="True|False", help=help)
+    parser.add_argument(name, type=str2bool, nargs="?", const=True, default=default, metavar="True|False", help=help)
 
 
 def pick_device(device="auto", gpu=None):
@@ -166,6 +167,29 @@ def networks_from_checkpoint(state, device="cpu"):
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint weights do not fit its own model config: {str(e).splitlines()[0]}") from None
     return nets.to(device)
+
+
+def add_architecture_flags(parser):
+    """Architecture flags of scripts that read a checkpoint. Each defaults to None: the checkpoint
+    alone defines the networks, and only the flags the user gave are checked against it."""
+    g = parser.add_argument_group("architecture (optional: checked against the checkpoint)")
+    g.add_argument("--image-size", type=int, default=None, help="image side S")
+    g.add_argument("--n-filters", type=int, default=None, help="channels of Layer1")
+    g.add_argument("--noise-dim", type=int, default=None, help="units of Layer5")
+    add_bool_flag(g, "--divisive-normalization", "divisive normalization (a bare switch means True)", default=None)
+
+
+def load_networks(path, device, args=None):
+    """Checkpoint (file or run folder) -> (state, networks on device), refusing architecture flags
+    in args (see add_architecture_flags; args.dataset gives the channels) that contradict it."""
+    state = load_checkpoint(path)
+    if args is not None:
+        dataset = getattr(args, "dataset", None)
+        check_architecture(ModelConfig.from_dict(state["model"]), {
+            "image_size": args.image_size, "n_filters": args.n_filters, "noise_dim": args.noise_dim,
+            "divisive_normalization": args.divisive_normalization,
+            "channels": channels_of(dataset) if dataset else None})
+    return state, networks_from_checkpoint(state, device)
 
 
 def save_grid(images, path, nrow=10):
