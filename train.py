@@ -7,7 +7,10 @@
         --lamda .9 --kl-from-sn --divisive-normalization True --save-imgs
 
 Writes to --out: checkpoint.pth.tar (after every epoch, whole), metrics.csv (a row per epoch),
-config.json, and with --save-imgs gen_images/imgs_epoch{E}.png.
+config.json, with --save-every K checkpoint_epoch{E}.pth.tar every K epochs, and with --save-imgs
+gen_images/imgs_epoch{E}.png. Ctrl-C (or SIGTERM) saves a checkpoint inside the epoch; --resume
+continues from it as if never stopped. A non-finite loss stops the run and saves the state before
+the bad step to nonfinite_state.pth.tar.
 """
 import argparse
 import itertools
@@ -15,6 +18,7 @@ import os
 import random
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -22,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 import losses
-from data import DATASETS, DataError, channels_of, make_batches, num_images
+from data import DATASETS, DataError, DataMissing, channels_of, make_batches, num_images
 from metrics import format_probe, layer_features, linear_probe
 from models import ModelConfig, Networks
 from utils import (CHECKPOINT_NAME, UserError, add_bool_flag, check_architecture, load_checkpoint, pick_device,
@@ -73,6 +77,11 @@ def get_parser():
     g.add_argument("--out", default=".", help="folder for the checkpoint, metrics, config and images")
     g.add_argument("--resume", default="", metavar="PATH", help="continue from this checkpoint (file or run folder)")
     g.add_argument("--save-imgs", action="store_true", help="save a 10x10 grid of samples every epoch")
+    g.add_argument("--save-every", type=int, default=0, metavar="K",
+                   help="also keep checkpoint_epoch{E}.pth.tar every K epochs; 0 keeps only the latest")
+    g.add_argument("--skip-nonfinite", type=int, default=0, metavar="N",
+                   help="skip up to N steps (in the whole run) whose loss or gradient is not finite, "
+                        "instead of stopping at the first")
     g.add_argument("--seed", type=int, default=None, help="random seed (default: drawn, and recorded)")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to train")
     g.add_argument("--gpu", type=int, default=None, help="CUDA device index (implies --device cuda)")
@@ -88,10 +97,14 @@ def check_args(args, parser):
         problems.append(f"--image-size must be a multiple of 16 and at least 32, got {args.image_size}")
     if not 0.0 <= args.gamma <= 1.0:
         problems.append(f"--gamma must lie in [0, 1], got {args.gamma}")
-    for flag in ("batch_size", "epochs", "n_filters", "noise_dim", "lr_g", "lr_d", "lr_e", "lr_rd"):
+    for flag in ("epochs", "n_filters", "noise_dim", "lr_g", "lr_d", "lr_e", "lr_rd"):
         if getattr(args, flag) <= 0:
             problems.append(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    for flag in ("lamda", "lamda2", "wd", "gradient_clipping", "lr_decay", "workers", "probe_folds"):
+    if args.batch_size < 2:
+        problems.append(f"--batch-size must be at least 2 (BatchNorm on the 1x1 top layer and the minibatch "
+                        f"std need two samples), got {args.batch_size}")
+    for flag in ("lamda", "lamda2", "wd", "gradient_clipping", "lr_decay", "workers", "probe_folds", "save_every",
+                 "skip_nonfinite"):
         if getattr(args, flag) < 0:
             problems.append(f"--{flag.replace('_', '-')} must not be negative, got {getattr(args, flag)}")
     if not (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1):
@@ -100,8 +113,14 @@ def check_args(args, parser):
         problems.append("--probe-folds must be 0 (no probe) or at least 2")
     if args.dataset != "digits" and not os.path.isdir(args.data):
         problems.append(f"--data {args.data} is not a folder")
-    if args.resume and not os.path.exists(args.resume):
-        problems.append(f"--resume {args.resume}: no such file or folder")
+    if args.resume:
+        path = os.path.join(args.resume, CHECKPOINT_NAME) if os.path.isdir(args.resume) else args.resume
+        if not os.path.isfile(path):
+            problems.append(f"--resume {args.resume}: no checkpoint file at {path}")
+    if (args.device == "cuda" or args.gpu is not None) and not torch.cuda.is_available():
+        problems.append("--device cuda (or --gpu) asked for, but this PyTorch sees no CUDA device")
+    elif args.gpu is not None and not 0 <= args.gpu < torch.cuda.device_count():
+        problems.append(f"--gpu {args.gpu}: this machine has CUDA devices 0 .. {torch.cuda.device_count() - 1}")
     if problems:
         parser.error("; ".join(problems))
 
@@ -133,6 +152,10 @@ def make_optimizers(nets, args):
     return {name: torch.optim.Adam(net.parameters(), lr=lrs[name], betas=(args.beta1, args.beta2),
                                    weight_decay=args.wd)
             for name, net in nets.parts().items()}
+
+
+class BadArgument(UserError):
+    """An argument that only the data or the file system can refute: refused like argparse's (exit 2)."""
 
 
 class NonFiniteError(Exception):
@@ -167,7 +190,7 @@ def training_step(nets, optimizers, x, hp: StepConfig, check_finite=True):
     wake = F(x)
 
     # --- Sleep: the generator dreams a state from noise.
-    z = torch.randn(B, nets.cfg.noise_dim, 1, 1, device=x.device)
+    z = torch.randn(B, nets.cfg.noise_dim, 1, 1, device=x.device, dtype=x.dtype)
     if hp.gamma > 0:
         wake_in = _leaves(wake)
         d_wake = D(wake_in)
@@ -250,7 +273,7 @@ def epoch_seed(seed, epoch):
 
 
 class Interrupt:
-    """SIGINT/SIGTERM ask the loop to stop after the current step; a second SIGINT exits at once."""
+    """SIGINT/SIGTERM ask the loop to stop after the current step; a second one exits at once."""
 
     def __init__(self):
         self.signal = None
@@ -266,16 +289,19 @@ class Interrupt:
             signal.signal(sig, handler)
 
     def _handle(self, sig, frame):
-        if self.signal is not None:  # asked twice: leave now; checkpoints on disk are whole by design
-            print("\nsecond interrupt: exiting without saving", file=sys.stderr)
-            os._exit(130)
+        if self.signal is not None:
+            # Asked twice: leave now. A checkpoint being written is abandoned (its temporary file
+            # removed on the way out); the one on disk stays whole, as every write is atomic.
+            raise KeyboardInterrupt
         self.signal = sig
         print(f"\n{signal.Signals(sig).name}: stopping after this step and saving a checkpoint "
               f"(interrupt again to exit at once)", file=sys.stderr)
 
 
-def checkpoint_state(args, nets, optimizers, seed, epoch, step, history, partial=None, probe=None):
-    """Everything a run needs to continue, as tensors and plain data (loads with weights_only=True)."""
+def checkpoint_state(args, nets, optimizers, seed, epoch, step, history, partial=None, probe=None, skipped=0):
+    """Everything a run needs to continue, as tensors and plain data (loads with weights_only=True).
+
+    `partial` (the epoch's metric sums and skipped steps so far) marks a state inside an epoch."""
     state = {
         "model": nets.cfg.to_dict(),
         "config": {k: v for k, v in vars(args).items()},
@@ -286,8 +312,9 @@ def checkpoint_state(args, nets, optimizers, seed, epoch, step, history, partial
         "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
         "history": history,
         "probe": probe,
+        "skipped_steps": skipped,  # non-finite steps skipped in the whole run (--skip-nonfinite)
     }
-    if step:  # mid-epoch: the random state is no longer a function of (seed, epoch)
+    if partial is not None:  # inside an epoch: the random state is no longer a function of (seed, epoch)
         state["rng"] = {"cpu": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
         state["partial"] = partial

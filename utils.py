@@ -72,6 +72,9 @@ def write_atomically(path, write):
     Readers see the old file or the new one, never half of either, even after a SIGKILL."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; a checkpoint is as readable as any file
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

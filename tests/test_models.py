@@ -1,0 +1,120 @@
+"""Shapes, layers and schedules of the four networks (SPEC: Architecture)."""
+import math
+
+import pytest
+import torch
+
+from models import DeReLU, ModelConfig, Networks, divisive_norm, minibatch_stddev
+
+
+@pytest.mark.parametrize("side", [32, 64])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("divisive", [False, True])
+def test_state_shapes(side, channels, divisive):
+    cfg = ModelConfig(image_size=side, channels=channels, n_filters=4, noise_dim=6,
+                      divisive_normalization=divisive, readout=True)
+    nets = Networks(cfg)
+    B = 3
+    expected = [(B, channels, side, side), (B, 4, side // 2, side // 2), (B, 8, side // 4, side // 4),
+                (B, 16, side // 8, side // 8), (B, 32, side // 16, side // 16), (B, 6, 1, 1)]
+    assert cfg.state_shapes() == [e[1:] for e in expected]
+    wake = nets.inference(torch.randn(B, channels, side, side))
+    sleep = nets.generator(torch.randn(B, 6, 1, 1))
+    assert [tuple(h.shape) for h in wake] == expected
+    assert [tuple(h.shape) for h in sleep] == expected
+    assert nets.discriminator(wake).shape == (B,)
+    assert nets.discriminator(sleep).shape == (B,)
+    assert nets.readout(wake[4]).shape == (B,)
+    # Layers 1..4 of both networks are ReLU outputs; the image is a tanh.
+    for h in wake[1:5] + sleep[1:5]:
+        assert (h >= 0).all()
+    assert sleep[0].abs().max() <= 1
+
+
+def test_image_size_is_checked():
+    for bad in (16, 40, 0):
+        with pytest.raises(ValueError, match="multiple of 16"):
+            ModelConfig(image_size=bad)
+
+
+def test_divisive_norm_hand_value():
+    # One pixel with channel values 3 and 4: mean square 12.5.
+    h = torch.tensor([3.0, 4.0]).view(1, 2, 1, 1)
+    out = divisive_norm(h)
+    assert torch.allclose(out.flatten(), torch.tensor([3.0, 4.0]) / math.sqrt(12.5 + 1e-8))
+    # On a 2-D tensor it normalizes each row.
+    rows = torch.tensor([[1.0, 1.0], [0.0, 2.0]])
+    assert torch.allclose(divisive_norm(rows), torch.tensor([[1.0, 1.0], [0.0, math.sqrt(2)]]), atol=1e-6)
+
+
+def test_minibatch_stddev_hand_value():
+    # Feature 1 takes 0 and 2 (std 1), feature 2 takes 1 and 5 (std 2): mean std 1.5.
+    h = torch.tensor([[0.0, 1.0], [2.0, 5.0]])
+    out = minibatch_stddev(h)
+    assert out.shape == (2, 3)
+    assert torch.allclose(out[:, :2], h)
+    expected = (math.sqrt(1 + 1e-8) + math.sqrt(4 + 1e-8)) / 2
+    assert torch.allclose(out[:, 2], torch.full((2,), expected))
+
+
+def test_derelu_keeps_positives_and_spreads_the_rest():
+    torch.manual_seed(0)
+    m = DeReLU(2, scale=0.5)
+    h = torch.zeros(4000, 2, 3, 3)
+    h[:, 0] = 1.5
+    out = m(h)
+    assert torch.equal(out[:, 0], h[:, 0])
+    rest = out[:, 1]
+    assert (rest < 0).all()
+    # -0.5 * Exponential(1): mean -0.5, std 0.5.
+    assert abs(rest.mean().item() + 0.5) < 0.02
+    assert abs(rest.std().item() - 0.5) < 0.02
+
+
+def test_inference_samples_in_eval_mode_generator_does_not():
+    nets = Networks(ModelConfig(n_filters=4, noise_dim=6))
+    nets.eval()
+    x = torch.randn(5, 1, 32, 32)
+    a, b = nets.inference(x), nets.inference(x)
+    assert not torch.equal(a[5], b[5])  # the posterior is sampled in eval mode too
+    z = torch.randn(5, 6, 1, 1)
+    assert all(torch.equal(u, v) for u, v in zip(nets.generator(z), nets.generator(z)))
+    nets.train()
+    assert not torch.equal(nets.generator(z)[1], nets.generator(z)[1])  # noise in train mode
+
+
+def test_generator_prediction_has_no_norm_and_no_noise():
+    nets = Networks(ModelConfig(n_filters=4, noise_dim=6, divisive_normalization=True))
+    G = nets.generator
+    h2 = torch.rand(3, 8, 8, 8)
+    p = G.predict(2, h2)
+    assert torch.equal(p, torch.relu(G.convs[1](h2)))
+    assert torch.equal(G.predict(2, h2), p)  # deterministic even in train mode
+    h1 = torch.rand(3, 4, 16, 16)
+    assert torch.equal(G.predict(1, h1), torch.tanh(G.convs[0](h1)))
+
+
+def test_noise_schedule_divides_every_noise_level_by_ten():
+    nets = Networks(ModelConfig(n_filters=4, noise_dim=6))
+    nets.decay_noise(10.0)
+    for net in (nets.inference, nets.generator, nets.discriminator):
+        assert net.sigma.item() == pytest.approx(0.001)
+    for m in nets.inference.derelu[1:]:
+        assert torch.allclose(m.scale, torch.full_like(m.scale, 0.05))
+    # The schedule's state lives in buffers, so it travels with a checkpoint.
+    fresh = Networks(ModelConfig(n_filters=4, noise_dim=6))
+    fresh.load_state_dict(nets.state_dict())
+    assert fresh.inference.sigma.item() == pytest.approx(0.001)
+
+
+def test_initialization_and_optional_parts():
+    torch.manual_seed(0)
+    nets = Networks(ModelConfig(n_filters=16, noise_dim=40))
+    assert nets.readout is None  # gamma = 1 builds no readout discriminator
+    w = torch.cat([m.weight.flatten() for m in nets.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))])
+    assert abs(w.std().item() - 0.02) < 0.001
+    assert all((m.bias == 0).all() for m in nets.generator.convs)
+    sn = Networks(ModelConfig(n_filters=4, noise_dim=6, spectral_norm=True, readout=True))
+    assert all(hasattr(c, "parametrizations") for c in sn.inference.convs)
+    assert hasattr(sn.readout.linear, "parametrizations")
+    assert not hasattr(sn.generator.convs[0], "parametrizations")

@@ -1,0 +1,247 @@
+"""The training step against a plain term-by-term evaluation of SPEC.md, and the training loop."""
+import copy
+import csv
+import os
+import shlex
+
+import pytest
+import torch
+
+import losses
+import train
+from conftest import TINY, write_cifar10, write_mnist
+from models import ModelConfig, Networks
+
+
+def _quiet_nets(readout, seed=0, dtype=torch.float32):
+    """Tiny networks with all sampling noise off, so two evaluations of a pass agree exactly."""
+    torch.manual_seed(seed)
+    nets = Networks(ModelConfig(n_filters=4, noise_dim=6, divisive_normalization=True, readout=readout)).to(dtype)
+    for net in (nets.inference, nets.generator, nets.discriminator):
+        net.sigma.zero_()
+    for m in nets.inference.derelu[1:]:
+        m.scale.zero_()
+    return nets
+
+
+def _params(net):
+    return list(net.parameters())
+
+
+def reference_gradients(nets, x, hp, seed):
+    """SPEC.md's losses, each from its own forward passes, each network's gradient taken alone."""
+    F, G, D, R = nets.inference, nets.generator, nets.discriminator, nets.readout
+    B, g = x.size(0), hp.gamma
+    torch.manual_seed(seed)
+    W = F(x)
+    z = torch.randn(B, 6, 1, 1, dtype=x.dtype)
+    sg = lambda states: [h.detach().requires_grad_(True) for h in states]  # noqa: E731
+
+    def P1(states):
+        return losses.l1_gradient_penalty(losses.state_gradients(D(states), states))
+
+    if hp.prioritized_replay:
+        z[:B // 2] = W[5].detach()[D(sg(W)).detach().argsort()[:B // 2]]
+    S = G(z)
+    d_w, d_s = D(sg(W)), D(sg(S))
+    L_D = g * (-d_w.mean() + d_s.mean() + hp.lamda * P1(sg(S)) + hp.lamda * P1(sg(W)))
+    if hp.scale_by_d:
+        L_D = L_D + (d_s.mean() + d_w.mean()).abs()
+    L_F = g * D(W).mean()
+    if hp.kl_from_sn:
+        L_F = L_F + 1e-4 * losses.kl_from_standard_normal(W[5])
+    per_sample = 0
+    for k in range(1, 6):
+        a = torch.tanh if k == 1 else torch.relu
+        per_sample = per_sample + (a(G.convs[k - 1](W[k].detach())) - W[k - 1].detach()).abs().flatten(1).mean(1)
+    if hp.scale_by_d:
+        per_sample = per_sample * 2 * torch.sigmoid(-D(sg(W)).detach())
+    L_G = g * per_sample.mean()
+    L_R = torch.zeros(())
+    if R is not None:
+        def critic(u):
+            return R(F(u, to_layer=4)[4])
+
+        def P2(u):
+            u = u.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(critic(u).sum(), u, create_graph=True)
+            return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
+
+        L_R = (1 - g) * (-critic(x).mean() + critic(S[0].detach()).mean() + hp.lamda2 * (P2(x) + P2(S[0])))
+        L_G = L_G - (1 - g) * critic(G(z)[0]).mean()
+
+    def grads(loss, net):
+        return [gr if gr is not None else torch.zeros_like(p)
+                for gr, p in zip(torch.autograd.grad(loss, _params(net), retain_graph=True, allow_unused=True),
+                                 _params(net))]
+
+    out = {"discriminator": grads(L_D, D), "inference": grads(L_F + L_R, F), "generator": grads(L_G, G)}
+    if R is not None:
+        out["readout"] = grads(L_R, R)
+    return out, {"loss_d": L_D, "loss_f": L_F, "loss_g": L_G, "loss_r": L_R}
+
+
+def fast_gradients(nets, x, hp, seed):
+    # lr = 0: Adam leaves the parameters alone and the gradients stay in .grad.
+    optimizers = {name: torch.optim.Adam(net.parameters(), lr=0.0) for name, net in nets.parts().items()}
+    torch.manual_seed(seed)
+    out = train.training_step(nets, optimizers, x, hp)
+    grads = {name: [p.grad if p.grad is not None else torch.zeros_like(p) for p in net.parameters()]
+             for name, net in nets.parts().items()}
+    return grads, out
+
+
+SETTINGS = {
+    "paper-mnist": train.StepConfig(gamma=1.0, lamda=0.9, kl_from_sn=True, gradient_clipping=0),
+    "doubly-adversarial": train.StepConfig(gamma=0.9, lamda=0.7, lamda2=7, kl_from_sn=True, gradient_clipping=0),
+    "scaled-replayed": train.StepConfig(gamma=0.6, scale_by_d=True, prioritized_replay=True, gradient_clipping=0),
+    "wgan": train.StepConfig(gamma=0.0, gradient_clipping=0),
+}
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_fast_step_equals_term_by_term_losses_and_gradients(name):
+    hp = SETTINGS[name]
+    # In float64 the two orders of summation agree to ~1e-12, so a real difference cannot hide.
+    nets = _quiet_nets(readout=hp.gamma < 1, dtype=torch.float64)
+    x = torch.rand(6, 1, 32, 32, dtype=torch.float64) * 2 - 1
+    ref_grads, ref_losses = reference_gradients(copy.deepcopy(nets), x, hp, seed=3)
+    fast_grads, fast_out = fast_gradients(copy.deepcopy(nets), x, hp, seed=3)
+    for k, v in ref_losses.items():
+        assert fast_out[k].item() == pytest.approx(v.item(), rel=1e-9, abs=1e-12), k
+    assert set(fast_grads) == set(ref_grads)
+    for net_name in ref_grads:
+        for a, b in zip(fast_grads[net_name], ref_grads[net_name]):
+            assert torch.allclose(a, b, rtol=1e-8, atol=1e-10), net_name
+        total = sum(t.abs().sum() for t in ref_grads[net_name])
+        if hp.gamma == 0 and net_name == "discriminator":
+            assert total == 0  # gamma = 0 leaves only the WGAN terms
+        else:
+            assert total > 0, net_name
+
+
+def test_gradients_reach_only_their_own_networks():
+    nets = _quiet_nets(readout=False)
+    hp = SETTINGS["paper-mnist"]
+    x = torch.rand(6, 1, 32, 32) * 2 - 1
+    # L_D's gradient never reaches F or G, and L_G's never reaches F or D (they see sg W, sg S).
+    F, G, D = nets.inference, nets.generator, nets.discriminator
+    W = F(x)
+    S = G(torch.randn(6, 6, 1, 1))
+    sgW = [h.detach().requires_grad_(True) for h in W]
+    sgS = [h.detach().requires_grad_(True) for h in S]
+    d_w, d_s = D(sgW), D(sgS)
+    L_D = losses.discriminator_loss(d_w, d_s, losses.l1_gradient_penalty(losses.state_gradients(d_w, sgW)),
+                                    losses.l1_gradient_penalty(losses.state_gradients(d_s, sgS)), 1.0, hp.lamda)
+    L_G = losses.generator_prediction_loss(G, W)
+    for loss, foreign in ((L_D, _params(F) + _params(G)), (L_G, _params(F) + _params(D))):
+        assert all(g is None for g in torch.autograd.grad(loss, foreign, retain_graph=True, allow_unused=True))
+
+
+def test_gamma_one_builds_no_readout_and_gamma_below_one_does():
+    args = train.get_parser().parse_args([])
+    assert train.model_config(args).readout is False
+    args = train.get_parser().parse_args(["--gamma", "0.9"])
+    assert train.model_config(args).readout is True
+    assert "readout" in train.make_optimizers(Networks(train.model_config(args)), args)
+
+
+def test_gradient_clipping_bounds_d_and_f_only():
+    nets = _quiet_nets(readout=False)
+    optimizers = {name: torch.optim.Adam(net.parameters(), lr=0.0) for name, net in nets.parts().items()}
+    hp = train.StepConfig(gamma=1.0, lamda=0.9, gradient_clipping=1e-3)
+    train.training_step(nets, optimizers, torch.rand(6, 1, 32, 32) * 2 - 1, hp)
+    for name in ("discriminator", "inference"):
+        assert max(p.grad.abs().max().item() for p in nets.parts()[name].parameters()) <= 1e-3 * (1 + 1e-5)
+    assert max(p.grad.abs().max().item() for p in nets.generator.parameters()) > 1e-3
+
+
+def test_a_short_run_learns():
+    """On tiny data: D separates wake from sleep early on; G's prediction loss falls."""
+    from conftest import class_images
+    torch.manual_seed(0)
+    labels = torch.arange(64) % 10
+    data = torch.from_numpy(class_images(labels.numpy(), 32, 1, seed=0)).float() / 127.5 - 1
+    nets = Networks(ModelConfig(n_filters=8, noise_dim=8, divisive_normalization=True))
+    args = train.get_parser().parse_args(["--lr-d", "1e-3", "--lr-e", "1e-3", "--lr-g", "1e-3"])
+    optimizers = train.make_optimizers(nets, args)
+    hp = train.StepConfig(gamma=1.0, lamda=0.3)
+    history = []
+    for step in range(60):
+        idx = torch.randperm(64)[:32]
+        out = train.training_step(nets, optimizers, data[idx], hp)
+        history.append({k: v.item() for k, v in out.items()})
+    gap = [h["d_wake"] - h["d_sleep"] for h in history[2:12]]
+    assert sum(gap) / len(gap) > 0.1, gap
+    first = sum(h["loss_g"] for h in history[:5]) / 5
+    last = sum(h["loss_g"] for h in history[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+
+
+def _run(argv):
+    assert train.main(argv) == 0
+
+
+def _read_metrics(folder):
+    with open(os.path.join(folder, "metrics.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def test_checkpoint_loads_with_weights_only_and_resume_matches_uninterrupted(tmp_path, mnist_root):
+    common = TINY + ["--dataset", "mnist", "--data", mnist_root, "-b", "16", "--seed", "5", "--probe-folds", "0",
+                     "--gamma", "0.9", "--lr-decay", "1"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    _run(common + ["--epochs", "2", "--out", str(straight)])
+    _run(common + ["--epochs", "1", "--out", str(split)])
+    _run(common + ["--epochs", "2", "--out", str(split), "--resume", str(split / "checkpoint.pth.tar")])
+
+    a = torch.load(straight / "checkpoint.pth.tar", weights_only=True)
+    b = torch.load(split / "checkpoint.pth.tar", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    assert set(a["networks"]) == set(b["networks"])
+    assert any(k.startswith("readout.") for k in a["networks"])  # the readout is saved and resumed
+    for k in a["networks"]:
+        assert torch.equal(a["networks"][k], b["networks"][k]), k
+    for name in a["optimizers"]:
+        sa, sb = a["optimizers"][name]["state"], b["optimizers"][name]["state"]
+        assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
+    assert a["history"][1]["loss_g"] == b["history"][1]["loss_g"]
+    assert a["history"][1]["sigma"] == pytest.approx(0.001)  # the noise schedule resumed too
+    assert len(_read_metrics(split)) == 2
+
+
+@pytest.fixture(scope="module")
+def paper_data(tmp_path_factory):
+    """Enough images for the paper's batch sizes (256 and 128)."""
+    root = tmp_path_factory.mktemp("paper")
+    write_mnist(root, n_train=260, n_test=30)
+    write_cifar10(root, n_per_batch=26, n_test=30)
+    return str(root)
+
+
+def _seed_command_lines():
+    path = os.path.join(os.path.dirname(__file__), "seed_commands.txt")
+    with open(path) as f:
+        return [line.strip() for line in f if line.startswith("python train.py")]
+
+
+@pytest.mark.parametrize("command", _seed_command_lines(), ids=["mnist", "doubly-mnist", "cifar10"])
+def test_seed_command_lines_run(command, paper_data, tmp_path):
+    argv = shlex.split(command.replace("[PATH-TO-MNIST]", paper_data).replace("[PATH-TO-CIFAR10]", paper_data))[2:]
+    epochs = argv.index("--epochs")
+    argv[epochs + 1] = "1"
+    _run(argv + ["--out", str(tmp_path)])
+    state = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
+    assert state["epoch"] == 1
+    assert set(state["probe"]) == {"Input", "Layer1", "Layer2", "Layer3", "Layer4", "Layer5"}
+    assert len(_read_metrics(tmp_path)) == 1
+    assert (tmp_path / "gen_images" / "imgs_epoch1.png").stat().st_size > 0
+
+
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    text = capsys.readouterr().out
+    for line in _seed_command_lines():
+        for flag in (t for t in shlex.split(line) if t.startswith("-")):
+            assert flag in text, flag
