@@ -21,14 +21,8 @@ import torch
 
 from data import DATASETS, DataError, make_batches
 from metrics import format_probe, layer_features, linear_probe
-from utils import (
-    UserError,
-    add_architecture_flags,
-    append_jsonl,
-    load_networks,
-    pick_device,
-    resolve_checkpoint_path,
-)
+from utils import (UserError, add_architecture_flags, append_jsonl, load_networks, pick_device,
+                   resolve_checkpoint_path, run_main)
 
 
 def get_parser():
@@ -99,14 +93,7 @@ def probe(args):
 
 
 def main(argv=None):
-    parser = get_parser()
-    args = parser.parse_args(argv)
-    check_args(args, parser)
-    try:
-        return probe(args)
-    except (UserError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run_main(get_parser(), check_args, probe, argv)
 
 
 if __name__ == "__main__":

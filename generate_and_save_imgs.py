@@ -23,16 +23,9 @@ from PIL import Image
 from tqdm import tqdm
 
 import fid
-from data import DATASETS, DataError
-from utils import (
-    UserError,
-    add_architecture_flags,
-    load_networks,
-    pick_device,
-    resolve_checkpoint_path,
-    write_atomically,
-    write_json,
-)
+from data import DATASETS
+from utils import (UserError, add_architecture_flags, load_networks, pick_device, resolve_checkpoint_path, run_main,
+                   write_atomically, write_json)
 
 MANIFEST = "samples.json"
 SAMPLE_NAME = re.compile(r"\d{5,}\.png")
@@ -167,14 +160,7 @@ def generate(args):
 
 
 def main(argv=None):
-    parser = get_parser()
-    args = parser.parse_args(argv)
-    check_args(args, parser)
-    try:
-        return generate(args)
-    except (UserError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run_main(get_parser(), check_args, generate, argv)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import re
+import sys
 import tempfile
 import warnings
 import zipfile
@@ -13,7 +14,7 @@ import zipfile
 import torch
 from torchvision.utils import save_image
 
-from data import channels_of
+from data import DataError, channels_of
 from models import ModelConfig, Networks
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
@@ -193,6 +194,18 @@ def load_networks(path, device, args=None):
             "divisive_normalization": args.divisive_normalization,
             "channels": channels_of(dataset) if dataset else None})
     return state, networks_from_checkpoint(state, device)
+
+
+def run_main(parser, check_args, run, argv=None):
+    """A script's main: parse and check the flags, then run(args). A UserError or DataError (the
+    user's input, not a bug) is one line on stderr and exit code 1, not a traceback."""
+    args = parser.parse_args(argv)
+    check_args(args, parser)
+    try:
+        return run(args)
+    except (UserError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 def save_grid(images, path, nrow=10):
