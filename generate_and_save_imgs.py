@@ -36,12 +36,12 @@ def get_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--path", required=True, help="checkpoint file, or the run folder holding checkpoint.pth.tar")
     p.add_argument("--dataset", default=None, choices=DATASETS,
-                   help="the dataset the model was trained on (checked: 1 channel for digits and mnist, else 3); "
-                        "also the FID reference when --fid-ref is a dataset")
+                   help="the dataset the model was trained on, checked against the checkpoint's channels "
+                        "(1 for digits and mnist, else 3)")
     add_architecture_flags(p)
     p.add_argument("-b", "--batch-size", type=int, default=100, help="samples per forward pass")
     p.add_argument("--n-images", type=int, default=10000, help="how many samples to write")
-    p.add_argument("--out", default=None, help="folder for the PNG files (default: samples/ beside the checkpoint)")
+    p.add_argument("--out", default=None, help="folder for the PNG files; if not given, samples/ beside the checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="delete the numbered PNG files of an earlier run in --out first (otherwise refused)")
     p.add_argument("--npz", default=None, metavar="FILE.npz",
