@@ -32,9 +32,10 @@ def reference_gradients(nets, x, hp, seed):
     """SPEC.md's losses, each from its own forward passes, each network's gradient taken alone."""
     F, G, D, R = nets.inference, nets.generator, nets.discriminator, nets.readout
     B, g = x.size(0), hp.gamma
-    torch.manual_seed(seed)
+    if seed is not None:
+        torch.manual_seed(seed)
     W = F(x)
-    z = torch.randn(B, 6, 1, 1, dtype=x.dtype)
+    z = torch.randn(B, nets.cfg.noise_dim, 1, 1, dtype=x.dtype, device=x.device)
     sg = lambda states: [h.detach().requires_grad_(True) for h in states]  # noqa: E731
 
     def P1(states):

@@ -1,0 +1,211 @@
+#!/usr/bin/env python
+"""Training-speed benchmark (not collected by pytest). Run it on an otherwise idle machine:
+
+    python tests/benchmark.py --out bench.json              # CPU, and CUDA when present
+    python tests/benchmark.py --baseline --epoch            # + the term-by-term step, + a whole epoch
+
+For each of the paper's settings it reports the median time of a training step after warm-up,
+the step's floating-point operations (counted by torch.utils.flop_counter) and the fraction of
+this machine's dense float32 matrix-multiply rate they achieve, so that a figure means something
+on any machine. `--baseline` also times the plain term-by-term evaluation of SPEC.md's losses
+(each loss with its own forward passes, as the original release computes them).
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import train  # noqa: E402
+from data import TensorBatches  # noqa: E402
+from models import ModelConfig, Networks  # noqa: E402
+
+# The paper's command lines (tests/seed_commands.txt) as step settings.
+SETTINGS = {
+    "mnist": dict(channels=1, n_filters=32, noise_dim=40, batch=256, argv=[
+        "--lr-g", "0.00001", "--lr-d", "0.0001", "--lr-e", "0.0003", "--beta1", "0.64", "--beta2", ".999",
+        "--lamda", ".9", "--kl-from-sn"]),
+    "mnist-doubly": dict(channels=1, n_filters=32, noise_dim=40, batch=128, argv=[
+        "--lr-g", "0.0002", "--lr-d", "0.00001", "--lr-e", "0.0008", "--lr-rd", "0.00001", "--beta1", "0",
+        "--beta2", ".9", "--lamda", ".7", "--lamda2", "7", "--kl-from-sn", "--gamma", "0.9"]),
+    "cifar10": dict(channels=3, n_filters=128, noise_dim=100, batch=128, argv=[
+        "--lr-g", "0.0002", "--lr-d", "0.00001", "--lr-e", "0.0008", "--lr-rd", "0.00001", "--beta1", "0",
+        "--beta2", ".9", "--lamda", ".7", "--lamda2", "7", "--kl-from-sn", "--gamma", "0.9"]),
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_rate(device, n=2048, reps=10):
+    """Dense float32 matmul FLOP/s of this device (best of reps)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(reps):
+        sync(device)
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def build(name, device):
+    s = SETTINGS[name]
+    args = train.get_parser().parse_args(s["argv"] + ["--divisive-normalization", "True", "-b", str(s["batch"])])
+    cfg = ModelConfig(image_size=32, channels=s["channels"], n_filters=s["n_filters"], noise_dim=s["noise_dim"],
+                      divisive_normalization=True, readout=args.gamma < 1)
+    torch.manual_seed(0)
+    nets = Networks(cfg).to(device)
+    return nets, train.make_optimizers(nets, args), train.StepConfig.from_args(args), s["batch"]
+
+
+def fast_step(nets, optimizers, x, hp):
+    train.training_step(nets, optimizers, x, hp)
+
+
+def baseline_step(nets, optimizers, x, hp):
+    from test_training import reference_gradients
+    grads, _ = reference_gradients(nets, x, hp, seed=None)
+    for name, net in nets.parts().items():
+        for p, g in zip(net.parameters(), grads[name]):
+            p.grad = g
+        optimizers[name].step()
+
+
+def time_steps(step, nets, optimizers, hp, batch, device, steps, warmup=3):
+    x = torch.rand(batch, nets.cfg.channels, 32, 32, device=device) * 2 - 1
+    for _ in range(warmup):
+        step(nets, optimizers, x, hp)
+    times = []
+    for _ in range(steps):
+        sync(device)
+        t = time.perf_counter()
+        step(nets, optimizers, x, hp)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+class _FlopCount(TorchDispatchMode):
+    """Adds up the FLOPs of every matmul and convolution that runs, backward passes included.
+
+    (FlopCounterMode's module tracker rejects autograd.grad on leaf tensors, which the
+    gradient penalties need; its per-operator formulas are used here without it.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        count = flop_registry.get(func._overloadpacket)
+        if count is not None:
+            self.flops += count(*args, **kwargs, out_val=out)
+        return out
+
+
+def count_flops(step, nets, optimizers, hp, batch, device):
+    x = torch.rand(batch, nets.cfg.channels, 32, 32, device=device) * 2 - 1
+    with _FlopCount() as counter:
+        step(nets, optimizers, x, hp)
+    return counter.flops
+
+
+def mnist_like_images(n):
+    """n MNIST-shaped uint8 images: the real test digits of ../shared repeated, else random."""
+    from data import load_in_memory
+    shared = os.path.join(ROOT, "..", "shared", "data")
+    try:
+        import gzip
+        import numpy as np
+        with gzip.open(os.path.join(shared, "MNIST", "raw", "t10k-images-idx3-ubyte.gz")) as f:
+            digits = torch.from_numpy(np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28).copy())
+        source = "real MNIST test digits, repeated"
+    except OSError:
+        digits, _ = load_in_memory("digits", None, 28)
+        source = "scikit-learn digits, repeated"
+    reps = -(-n // len(digits))
+    return digits.repeat(reps, 1, 1, 1)[:n], source
+
+
+def time_epoch(device, n_images):
+    """A whole epoch of the paper's MNIST setting, resizing and batching included."""
+    from data import _resize
+    nets, optimizers, hp, batch = build("mnist", device)
+    raw, source = mnist_like_images(n_images)
+    sync(device)
+    t = time.perf_counter()
+    images = _resize(raw, 32)  # what make_batches does once per run
+    batches = TensorBatches(images, torch.zeros(len(images), dtype=torch.long), batch, device)
+    batches.set_epoch(0, 0)
+    steps = 0
+    for x, _ in batches:
+        train.training_step(nets, optimizers, x, hp)
+        steps += 1
+    sync(device)
+    return {"images": n_images, "data": source, "steps": steps, "seconds": time.perf_counter() - t}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="all", choices=("all", "cpu", "cuda"))
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--steps", type=int, default=10, help="timed steps per setting (median reported)")
+    p.add_argument("--baseline", action="store_true", help="also time the term-by-term evaluation")
+    p.add_argument("--epoch", action="store_true", help="also time a whole MNIST epoch with data")
+    p.add_argument("--epoch-images", type=int, default=60000)
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args = p.parse_args()
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if args.device != "all":
+        devices = [args.device]
+    report = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+              "cpu_threads": torch.get_num_threads(), "devices": {}, "results": []}
+    for dev in devices:
+        device = torch.device(dev)
+        name = torch.cuda.get_device_name(device) if dev == "cuda" else platform.processor() or "cpu"
+        rate = matmul_rate(device)
+        report["devices"][dev] = {"name": name, "matmul_tflops": rate / 1e12}
+        print(f"{dev} ({name}): float32 matmul {rate / 1e9:.1f} GFLOP/s")
+        kinds = [("fast", fast_step)] + ([("baseline", baseline_step)] if args.baseline else [])
+        for setting in args.settings:
+            for kind, step in kinds:
+                nets, optimizers, hp, batch = build(setting, device)
+                flops = count_flops(step, nets, optimizers, hp, batch, device)
+                seconds = time_steps(step, nets, optimizers, hp, batch, device, args.steps)
+                row = {"setting": setting, "step": kind, "device": dev, "batch": batch,
+                       "ms_per_step": 1e3 * seconds, "steps_per_s": 1 / seconds,
+                       "gflop_per_step": flops / 1e9, "fraction_of_matmul_rate": flops / seconds / rate}
+                report["results"].append(row)
+                print(f"  {setting:13s} {kind:8s} {row['ms_per_step']:8.1f} ms/step {row['steps_per_s']:6.2f} "
+                      f"steps/s {row['gflop_per_step']:7.2f} GFLOP {100 * row['fraction_of_matmul_rate']:5.1f}% "
+                      f"of matmul")
+        if args.epoch:
+            epoch = time_epoch(device, args.epoch_images)
+            report["devices"][dev]["mnist_epoch"] = epoch
+            print(f"  mnist epoch: {epoch['images']} images, {epoch['steps']} steps, {epoch['seconds']:.1f} s")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    main()
