@@ -90,7 +90,9 @@ class DeReLU(nn.Module):
         self.register_buffer("scale", torch.full((channels,), float(scale)))
 
     def forward(self, h):
-        e = torch.empty_like(h).exponential_()
+        # Exponential(1) by inversion, -log(1 - U): the same law as exponential_(), which is
+        # about 5x slower on CPUs and was the largest non-matmul cost of a step.
+        e = torch.rand_like(h).neg_().log1p_().neg_()
         return torch.where(h > 0, h, -self.scale.view(1, -1, 1, 1) * e)
 
 
