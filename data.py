@@ -6,12 +6,17 @@ in memory, so they are resized once and kept as one uint8 tensor on the training
 (no per-image decoding every epoch). `folder`, `imagenet` and `lfw` read an image folder
 (`DATA/train`, evaluation `DATA/val`) through a DataLoader.
 """
+import math
 import os
 import pickle
+import struct
+import sys
 
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from torch.utils.data import default_collate
 from torchvision import datasets, transforms
 
 IN_MEMORY = ("digits", "mnist", "cifar10")
@@ -21,6 +26,10 @@ DATASETS = IN_MEMORY + FOLDERS
 
 class DataError(Exception):
     """A dataset that is missing or broken; the message says what to do."""
+
+
+class DataMissing(DataError):
+    """No dataset where --data points (as opposed to a damaged one): a bad argument."""
 
 
 def channels_of(dataset):
@@ -55,25 +64,41 @@ def _digits(train):
     return images[split], labels[split]
 
 
+def _read_idx(path, ndim):
+    """An uncompressed IDX file of unsigned bytes (MNIST's format) as a uint8 tensor, checked against its header."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
+    header = 4 * (ndim + 1)
+    if len(data) < header:
+        raise DataError(f"{path} is truncated: {len(data)} bytes, less than an IDX header")
+    magic, *dims = struct.unpack(f">{ndim + 1}I", data[:header])
+    if magic != 0x800 + ndim:  # 0x08: unsigned bytes; the low byte: the number of dimensions
+        raise DataError(f"{path} is not an uncompressed IDX file of {ndim}-d bytes (magic number {magic:#x}; gzipped?)")
+    size = header + math.prod(dims)
+    if len(data) != size:
+        raise DataError(f"{path} is {'truncated' if len(data) < size else 'too long'}: "
+                        f"{len(data)} bytes where its header promises {size}")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=header).view(*dims)
+
+
 def _mnist(root, train):
     raw = os.path.join(root, "MNIST", "raw")
     prefix = "train" if train else "t10k"
     needed = [os.path.join(raw, f"{prefix}-{kind}-idx{n}-ubyte") for kind, n in (("images", 3), ("labels", 1))]
-    if not all(os.path.exists(p) for p in needed):
+    missing = [os.path.basename(p) for p in needed if not os.path.exists(p)]
+    if missing:
         try:
             datasets.MNIST(root, train=train, download=True)
         except Exception as e:  # no network, or a mirror that is down
-            raise DataError(
-                f"MNIST is not in {raw} and could not be downloaded ({e.__class__.__name__}). "
+            raise DataMissing(
+                f"{raw} lacks {' and '.join(missing)}, and MNIST could not be downloaded ({e.__class__.__name__}). "
                 f"Put the four IDX files train-images-idx3-ubyte, train-labels-idx1-ubyte, "
                 f"t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte (uncompressed) in {raw}, "
                 f"then pass --data {root}.") from None
-    try:
-        ds = datasets.MNIST(root, train=train, download=False)
-        images, labels = ds.data, ds.targets
-    except Exception as e:
-        raise DataError(f"cannot read MNIST from {raw}: {e} (is one of {', '.join(map(os.path.basename, needed))} "
-                        f"truncated or not an IDX file?)") from None
+    images, labels = _read_idx(needed[0], 3), _read_idx(needed[1], 1)
     if len(images) != len(labels) or len(images) == 0:
         raise DataError(f"MNIST files in {raw} disagree: {len(images)} images, {len(labels)} labels")
     return images.unsqueeze(1), labels.long()
@@ -94,12 +119,13 @@ class _ArraysOnly(pickle.Unpickler):
 def _cifar10(root, train):
     folder = os.path.join(root, "cifar-10-batches-py")
     names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
-    if not all(os.path.exists(os.path.join(folder, n)) for n in names):
+    missing = [n for n in names if not os.path.exists(os.path.join(folder, n))]
+    if missing:
         try:
             datasets.CIFAR10(root, train=train, download=True)
         except Exception as e:
-            raise DataError(
-                f"CIFAR-10 is not in {folder} and could not be downloaded ({e.__class__.__name__}). "
+            raise DataMissing(
+                f"{folder} lacks {', '.join(missing)}, and CIFAR-10 could not be downloaded ({e.__class__.__name__}). "
                 f"Unpack the python version (cifar-10-python.tar.gz) so that {folder} holds "
                 f"data_batch_1 .. data_batch_5 and test_batch, then pass --data {root}.") from None
     images, labels = [], []
@@ -110,8 +136,11 @@ def _cifar10(root, train):
                 batch = _ArraysOnly(f, encoding="latin1").load()
             images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.append(np.asarray(batch["labels"], dtype=np.int64))
-        except Exception as e:
-            raise DataError(f"cannot read CIFAR-10 batch {path}: {e}") from None
+        except Exception as e:  # a truncated pickle alone fails in several ways (EOFError, UnpicklingError ...)
+            raise DataError(f"cannot read CIFAR-10 batch {path} (truncated or not a CIFAR-10 batch?): "
+                            f"{e.__class__.__name__}: {e}") from None
+        if len(images[-1]) != len(labels[-1]):
+            raise DataError(f"CIFAR-10 batch {path} holds {len(images[-1])} images but {len(labels[-1])} labels")
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
 
@@ -134,6 +163,7 @@ class TensorBatches:
     The order of epoch e depends only on (seed, e), so a resumed run sees the same batches.
     The last incomplete batch is dropped: BatchNorm on the 1x1 top layer and the
     minibatch-std feature need more than one sample."""
+    skipped = 0  # images that could not be read: none, they were all decoded up front
 
     def __init__(self, images, labels, batch_size, device, shuffle=True, drop_last=True):
         self.images, self.labels = images.to(device), labels.to(device)
@@ -156,24 +186,46 @@ class TensorBatches:
             yield to_unit_range(self.images[idx]), self.labels[idx]
 
 
+class _ReadableImages(datasets.ImageFolder):
+    """An ImageFolder that reports an unreadable image by path and gives None for it, rather than
+    ending the epoch; `_collate_readable` leaves it out of the batch and counts it."""
+
+    def __getitem__(self, index):
+        try:
+            return super().__getitem__(index)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # what PIL raises on bad files
+            print(f"\nskipping unreadable image {self.samples[index][0]}: {e}", file=sys.stderr)
+            return None
+
+
+def _collate_readable(items):
+    """(images, labels, number of unreadable items); images and labels are None if none was read."""
+    good = [item for item in items if item is not None]
+    images, labels = default_collate(good) if good else (None, None)
+    return images, labels, len(items) - len(good)
+
+
 class FolderBatches:
-    """Minibatches of an image folder (resize, center-crop), decoded by DataLoader workers."""
+    """Minibatches of an image folder (resize, center-crop), decoded by DataLoader workers.
+
+    Unreadable images are left out of their batch; `skipped` counts them in the current epoch."""
 
     def __init__(self, root, image_size, batch_size, device, workers=4, shuffle=True, drop_last=True):
         if not os.path.isdir(root):
-            raise DataError(f"image folder {root} does not exist (expected one sub-folder per class)")
+            raise DataMissing(f"image folder {root} does not exist (expected one sub-folder per class)")
         tf = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size),
                                  transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.5,) * 3)])
         try:
-            self.dataset = datasets.ImageFolder(root, tf)
+            self.dataset = _ReadableImages(root, tf)
         except (FileNotFoundError, RuntimeError) as e:
-            raise DataError(f"no images in {root}: {e}") from None
+            raise DataMissing(f"no images in {root}: {e}") from None
         self.device, self.shuffle = device, shuffle
         self.generator = torch.Generator()
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-            num_workers=workers, pin_memory=torch.device(device).type == "cuda",
+            num_workers=workers, pin_memory=torch.device(device).type == "cuda", collate_fn=_collate_readable,
             generator=self.generator, persistent_workers=workers > 0)
+        self.skipped = 0
 
     def set_epoch(self, seed, epoch):
         self.generator.manual_seed(seed * 1_000_003 + epoch)
@@ -182,7 +234,12 @@ class FolderBatches:
         return len(self.loader)
 
     def __iter__(self):
-        for x, y in self.loader:
+        self.skipped = 0
+        for x, y, unreadable in self.loader:
+            self.skipped += unreadable
+            # Training needs two samples in a batch (BatchNorm on the 1x1 top layer, minibatch std).
+            if x is None or (unreadable and len(x) < 2):
+                continue
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 

@@ -29,8 +29,8 @@ import losses
 from data import DATASETS, DataError, DataMissing, channels_of, make_batches, num_images
 from metrics import format_probe, layer_features, linear_probe
 from models import ModelConfig, Networks
-from utils import (CHECKPOINT_NAME, UserError, add_bool_flag, check_architecture, load_checkpoint, pick_device,
-                   save_checkpoint, save_grid, write_json, write_metrics_csv)
+from utils import (CHECKPOINT_NAME, CheckpointError, UserError, add_bool_flag, check_architecture, load_checkpoint,
+                   pick_device, save_checkpoint, save_grid, write_json, write_metrics_csv)
 
 METRICS = ("loss_d", "loss_f", "loss_g", "loss_r", "d_wake", "d_sleep")
 
@@ -333,11 +333,14 @@ def run_probe(nets, args, device):
     return linear_probe(features, labels, n_folds=args.probe_folds, seed=0)
 
 
+def resume_hint(path):
+    return f"continue with the same command and --resume {path}"
+
+
 def train(args):
     device = pick_device(args.device, args.gpu)
-    os.makedirs(args.out, exist_ok=True)
-    ckpt_path = os.path.join(args.out, CHECKPOINT_NAME)
     cfg = model_config(args)
+    ckpt_path = os.path.join(args.out, CHECKPOINT_NAME)
 
     resumed = load_checkpoint(args.resume, map_location=device) if args.resume else None
     if resumed:
@@ -346,67 +349,119 @@ def train(args):
     else:
         seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31)
     args.seed = seed
+
+    # The last checks of the arguments need the data and the file system; nothing is written before them.
+    try:
+        batches = make_batches(args.dataset, args.data, args.image_size, args.batch_size, device, train=True,
+                               workers=args.workers)
+    except DataMissing as e:
+        raise BadArgument(f"--data {args.data}: {e}") from None
+    if len(batches) == 0:
+        raise BadArgument(f"--batch-size {args.batch_size} is larger than the {num_images(batches)} training images")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=args.out):
+            pass
+    except OSError as e:
+        raise BadArgument(f"--out {args.out} cannot be written ({e.strerror})") from None
     write_json(os.path.join(args.out, "config.json"), {"model": cfg.to_dict(), "args": vars(args)})
 
     torch.manual_seed(seed)
     nets = Networks(cfg).to(device)
     optimizers = make_optimizers(nets, args)
     hp = StepConfig.from_args(args)
-    start_epoch, start_step, history, partial = 0, 0, [], None
+    start_epoch, start_step, history, partial, skipped = 0, 0, [], None, 0
     if resumed:
-        nets.load_state_dict(resumed["networks"])
-        for name, opt in optimizers.items():
-            opt.load_state_dict(resumed["optimizers"][name])
-        start_epoch, start_step, history = resumed["epoch"], resumed["step"], resumed["history"]
-        partial = resumed.get("partial")
+        try:
+            nets.load_state_dict(resumed["networks"])
+            for name, opt in optimizers.items():
+                opt.load_state_dict(resumed["optimizers"][name])
+            start_epoch, start_step, history = resumed["epoch"], resumed["step"], resumed["history"]
+            partial, skipped = resumed.get("partial"), resumed.get("skipped_steps", 0)
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{args.resume} cannot be resumed: {e.__class__.__name__}: {e}") from None
+        if partial is not None:
+            # The step count inside the epoch means the same batches only with the same data and batch size.
+            saved = {k: resumed["config"].get(k) for k in ("dataset", "batch_size")}
+            changed = [f"--{k.replace('_', '-')} {saved[k]} (not {getattr(args, k)})"
+                       for k in saved if saved[k] != getattr(args, k)]
+            if changed:
+                raise CheckpointError(f"{args.resume} stopped inside epoch {start_epoch + 1}; continuing it "
+                                      f"needs {', '.join(changed)}")
         print(f"resumed from {args.resume}: {start_epoch} epochs" + (f" and {start_step} steps" if start_step else ""))
 
-    batches = make_batches(args.dataset, args.data, args.image_size, args.batch_size, device, train=True,
-                           workers=args.workers)
-    if len(batches) == 0:
-        raise UserError(f"--batch-size {args.batch_size} is larger than the {num_images(batches)} training images")
     # A fixed noise, so that the sample grids of successive epochs are comparable.
     fixed_z = torch.randn(100, cfg.noise_dim, 1, 1, generator=torch.Generator().manual_seed(seed)).to(device)
 
     with Interrupt() as interrupt:
         for epoch in range(start_epoch, args.epochs):
-            if epoch > 0 and args.lr_decay and epoch % args.lr_decay == 0 and start_step == 0:
-                nets.decay_noise(10.0)
-            torch.manual_seed(epoch_seed(seed, epoch))
-            batches.set_epoch(seed, epoch)
-            sums = {k: torch.zeros((), device=device) for k in METRICS}
-            if start_step:  # continue inside an interrupted epoch, exactly where it stopped
+            if partial is None:  # an epoch boundary
+                if epoch > 0 and args.lr_decay and epoch % args.lr_decay == 0:
+                    nets.decay_noise(10.0)
+                torch.manual_seed(epoch_seed(seed, epoch))
+                sums = {k: torch.zeros((), device=device) for k in METRICS}
+                epoch_skipped = 0
+            else:  # continue inside an interrupted epoch, exactly where it stopped
                 torch.set_rng_state(resumed["rng"]["cpu"].cpu())
                 if resumed["rng"]["cuda"] and device.type == "cuda":
                     torch.cuda.set_rng_state_all([s.cpu() for s in resumed["rng"]["cuda"]])
                 sums = {k: torch.as_tensor(partial[k], device=device) for k in METRICS}
+                epoch_skipped = partial.get("skipped", 0)
+            batches.set_epoch(seed, epoch)
             t0 = time.time()
             remaining = itertools.islice(iter(batches), start_step, None)
             bar = tqdm(remaining, desc=f"epoch {epoch + 1}/{args.epochs}", initial=start_step, total=len(batches),
                        dynamic_ncols=True)
             step = start_step
             for step, (x, _) in enumerate(bar, start=start_step + 1):
+                # The forward pass moves BatchNorm statistics and spectral-norm estimates: keep them,
+                # so that a step refused as non-finite leaves no trace.
+                buffers = [b.clone() for b in nets.buffers()]
                 try:
                     out = training_step(nets, optimizers, x, hp)
                 except NonFiniteError as e:
+                    with torch.no_grad():
+                        for b, kept in zip(nets.buffers(), buffers):
+                            b.copy_(kept)
+                    where = f"epoch {epoch + 1}, step {step}"
+                    if skipped < args.skip_nonfinite:
+                        skipped += 1
+                        epoch_skipped += 1
+                        bar.write(f"skipped {where}: non-finite {e} ({skipped} of --skip-nonfinite "
+                                  f"{args.skip_nonfinite})", file=sys.stderr)
+                        continue
                     bar.close()
-                    raise UserError(f"non-finite {e} at epoch {epoch + 1}, step {step}; the last good "
-                                    f"checkpoint is {ckpt_path} (try lower learning rates)") from None
+                    # The bad step was not applied: the networks and optimizers in memory are the last good state.
+                    bad_path = os.path.join(args.out, "nonfinite_state.pth.tar")
+                    partial = {**{k: v.item() for k, v in sums.items()}, "skipped": epoch_skipped}
+                    save_checkpoint(bad_path, checkpoint_state(args, nets, optimizers, seed, epoch, step - 1, history,
+                                                               partial, skipped=skipped))
+                    raise UserError(f"non-finite {e} at {where}. The state before that step is in {bad_path}, "
+                                    f"and {ckpt_path} is untouched: resume from either with lower learning rates, "
+                                    f"or allow a few bad steps with --skip-nonfinite N") from None
                 for k in METRICS:
                     sums[k] += out[k]
+                good = step - epoch_skipped
                 if step % 10 == 0 or step == len(batches):
-                    bar.set_postfix({k: f"{v.item() / step:.3g}" for k, v in sums.items()}, refresh=False)
+                    bar.set_postfix({k: f"{v.item() / good:.3g}" for k, v in sums.items()}, refresh=False)
                 if interrupt.signal is not None:
                     bar.close()
-                    partial = {k: v.item() for k, v in sums.items()}
+                    partial = {**{k: v.item() for k, v in sums.items()}, "skipped": epoch_skipped}
                     save_checkpoint(ckpt_path, checkpoint_state(args, nets, optimizers, seed, epoch, step,
-                                                                history, partial))
-                    print(f"saved {ckpt_path} at epoch {epoch + 1}, step {step}; continue with the same "
-                          f"command and --resume {ckpt_path}", file=sys.stderr)
+                                                                history, partial, skipped=skipped))
+                    print(f"saved {ckpt_path} at epoch {epoch + 1}, step {step}; {resume_hint(ckpt_path)}",
+                          file=sys.stderr)
                     return 128 + interrupt.signal
             bar.close()
-            start_step = 0
-            row = {"epoch": epoch + 1, "steps": step, **{k: v.item() / step for k, v in sums.items()},
+            start_step, partial = 0, None
+            good = step - epoch_skipped
+            if batches.skipped:
+                print(f"epoch {epoch + 1}: skipped {batches.skipped} unreadable images (named above)", file=sys.stderr)
+            if epoch_skipped:
+                print(f"epoch {epoch + 1}: skipped {epoch_skipped} non-finite steps", file=sys.stderr)
+            if good == 0:
+                raise UserError(f"epoch {epoch + 1} trained no step: every batch was unreadable or non-finite")
+            row = {"epoch": epoch + 1, "steps": good, **{k: v.item() / good for k, v in sums.items()},
                    "sigma": nets.inference.sigma.item(), "seconds": round(time.time() - t0, 3)}
             history.append(row)
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
@@ -416,16 +471,22 @@ def train(args):
                     samples = nets.generator(fixed_z)[0]
                 nets.generator.train()
                 save_grid(samples, os.path.join(args.out, "gen_images", f"imgs_epoch{epoch + 1}.png"))
-            save_checkpoint(ckpt_path, checkpoint_state(args, nets, optimizers, seed, epoch + 1, 0, history))
+            state = checkpoint_state(args, nets, optimizers, seed, epoch + 1, 0, history, skipped=skipped)
+            save_checkpoint(ckpt_path, state)
+            if args.save_every and (epoch + 1) % args.save_every == 0:
+                save_checkpoint(os.path.join(args.out, f"checkpoint_epoch{epoch + 1}.pth.tar"), state)
             write_metrics_csv(os.path.join(args.out, "metrics.csv"), history)
+            if interrupt.signal is not None:  # it came during the epoch's last step or its bookkeeping
+                print(f"saved {ckpt_path} after epoch {epoch + 1}; {resume_hint(ckpt_path)}", file=sys.stderr)
+                return 128 + interrupt.signal
 
-    if args.probe_folds and start_epoch < args.epochs:
+    if args.probe_folds and not (resumed and resumed.get("probe")):
         probe = run_probe(nets, args, device)
         if probe:
             print("linear decoding accuracy per layer (test split, %d-fold):" % args.probe_folds)
             print(format_probe(probe))
             save_checkpoint(ckpt_path, checkpoint_state(args, nets, optimizers, seed, args.epochs, 0, history,
-                                                        probe=probe))
+                                                        probe=probe, skipped=skipped))
     return 0
 
 
@@ -435,9 +496,15 @@ def main(argv=None):
     check_args(args, parser)
     try:
         return train(args)
+    except BadArgument as e:
+        parser.error(str(e))
     except (UserError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"\nerror: interrupted; checkpoints are written whole, so the last one in {args.out} is intact",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -118,7 +118,8 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"{path} is empty (a write that never finished?)")
     if ZIP_MAGIC.startswith(head) and not zipfile.is_zipfile(path):
         # A zip archive keeps its directory at the end, the first thing a cut-off copy loses.
-        raise CheckpointError(f"{path} is truncated: a zip archive without its end (a copy or write that never finished?)")
+        raise CheckpointError(f"{path} is truncated: a zip archive without its end "
+                              f"(a copy or write that never finished?)")
     try:
         with warnings.catch_warnings():  # torch warns about unusual pickles before refusing them; the error says it all
             warnings.simplefilter("ignore")
@@ -133,7 +134,8 @@ def load_checkpoint(path, map_location="cpu"):
             + " that only a full unpickling could rebuild, and a full unpickling can run arbitrary code: refused. "
             "(The original release's checkpoints pickle an argparse Namespace.)") from None
     except Exception as e:  # torch.load fails on foreign bytes in many ways: KeyError, RuntimeError, EOFError ...
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({e.__class__.__name__}: {_first_line(e)})") from None
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint ({e.__class__.__name__}: {_first_line(e)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a PyTorch file but not an adversarial wake-sleep checkpoint")
     if state.get("format_version") != FORMAT_VERSION:

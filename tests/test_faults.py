@@ -1,0 +1,393 @@
+"""Faults injected one by one: signals, kills, damaged checkpoints, bad arguments, NaNs, bad data.
+
+Each test checks what the program did and that nothing was lost that should not be."""
+import multiprocessing
+import os
+import pickle
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import losses
+import train
+import utils
+from conftest import ROOT, TINY, write_cifar10, write_mnist
+from models import ModelConfig
+
+# Runs below: 160 images in batches of 4, 40 steps an epoch, enough for a signal to land mid-epoch.
+N_TRAIN, BATCH = 160, 4
+STEPS = N_TRAIN // BATCH
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread here and in the subprocesses: the same arithmetic in both (so runs match bit for
+    bit), and no threads spinning against each other on a shared machine (100x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def small_mnist(tmp_path_factory):
+    return write_mnist(tmp_path_factory.mktemp("faults_mnist"), n_train=N_TRAIN, n_test=20)
+
+
+def common_args(root, out, epochs=2):
+    return TINY + ["--dataset", "mnist", "--data", root, "-b", str(BATCH), "--epochs", str(epochs),
+                   "--probe-folds", "0", "--seed", "0", "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def straight_run(small_mnist, tmp_path_factory):
+    """An uninterrupted two-epoch run, the reference for the resumed ones (in-process: no start-up cost)."""
+    out = tmp_path_factory.mktemp("straight")
+    assert train.main(common_args(small_mnist, out) + ["--save-every", "1"]) == 0
+    return out
+
+
+def same_training_state(a, b):
+    assert set(a["networks"]) == set(b["networks"])
+    for k in a["networks"]:
+        assert torch.equal(a["networks"][k], b["networks"][k]), k
+    for name in a["optimizers"]:
+        sa, sb = a["optimizers"][name]["state"], b["optimizers"][name]["state"]
+        for i in sa:
+            assert torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]), (name, i)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(a["history"]) == strip(b["history"])
+
+
+def one_error_line(err):
+    """The message of a refused run: a single `error: ...` line and no traceback."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# --- Interruption -------------------------------------------------------------------------------
+
+def start_training(argv):
+    """A training subprocess and a live copy of its stderr (the progress bar shows the steps done)."""
+    proc = subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, env=SUBPROCESS_ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err = []
+    reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
+    reader.start()
+    return proc, err, reader
+
+
+def wait_for_steps(proc, err, n, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        done = [int(s) for s in re.findall(rf"epoch 1/\d+: .*?\| (\d+)/{STEPS} \[", "".join(err))]
+        if done and max(done) >= n:
+            return
+        assert proc.poll() is None, "".join(err)
+        time.sleep(0.05)
+    raise AssertionError("training made no progress:\n" + "".join(err))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_mid_epoch_saves_and_resume_matches_uninterrupted_run(sig, small_mnist, straight_run, tmp_path):
+    argv = common_args(small_mnist, tmp_path)
+    proc, err, reader = start_training(argv)
+    wait_for_steps(proc, err, 2)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=60) == 128 + sig
+    reader.join(timeout=10)
+    err = "".join(err)
+    ckpt = tmp_path / "checkpoint.pth.tar"
+    assert f"--resume {ckpt}" in err and "Traceback" not in err
+
+    state = utils.load_checkpoint(ckpt)
+    assert state["epoch"] == 0 and 2 <= state["step"] < STEPS and state["partial"] is not None
+    resumed = subprocess.run([sys.executable, "train.py", *argv, "--resume", str(ckpt)], cwd=ROOT,
+                             env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {ckpt}: 0 epochs and {state['step']} steps" in resumed.stdout
+    same_training_state(utils.load_checkpoint(straight_run), utils.load_checkpoint(ckpt))
+
+
+def test_second_signal_exits_at_once_and_abandons_the_write_cleanly(tmp_path, capsys):
+    with train.Interrupt() as interrupt:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # Python runs the handler between bytecodes
+        assert interrupt.signal == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert "interrupt again to exit at once" in capsys.readouterr().err
+
+    # The KeyboardInterrupt may land inside a checkpoint write: the old file stays, the temporary goes.
+    path = tmp_path / "checkpoint.pth.tar"
+    utils.save_checkpoint(path, {"epoch": 1})
+
+    def half_then_interrupted(f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        utils.write_atomically(path, half_then_interrupted)
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+    assert os.listdir(tmp_path) == ["checkpoint.pth.tar"]
+
+
+def numbered_checkpoint(i):
+    """A checkpoint of 8 MB whose every weight is i: a mix of two writes would show."""
+    return {"model": ModelConfig().to_dict(), "networks": {"weights": torch.full((2_000_000,), float(i))}, "i": i}
+
+
+def keep_writing_checkpoints(path):
+    for i in range(10 ** 6):
+        utils.save_checkpoint(path, numbered_checkpoint(i))
+
+
+def test_sigkill_during_checkpoint_writes_leaves_the_last_one_readable(tmp_path):
+    path = str(tmp_path / "checkpoint.pth.tar")
+    utils.save_checkpoint(path, numbered_checkpoint(-1))
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(8):
+        writer = multiprocessing.get_context("fork").Process(target=keep_writing_checkpoints, args=(path,))
+        writer.start()
+        time.sleep(rng.uniform(0.05, 0.4))
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.join()
+        state = utils.load_checkpoint(path)  # whole: one of the writes, never part of one
+        assert torch.all(state["networks"]["weights"] == state["i"])
+        seen.add(state["i"])
+    assert len(seen) > 1  # the kills came between and during writes, not all before the first
+    # A kill mid-write may leave its temporary file behind, never a damaged checkpoint.
+    assert all(name == "checkpoint.pth.tar" or name.endswith(".tmp") for name in os.listdir(tmp_path))
+
+
+def test_save_every_keeps_epoch_copies(straight_run):
+    for epoch in (1, 2):
+        assert utils.load_checkpoint(straight_run / f"checkpoint_epoch{epoch}.pth.tar")["epoch"] == epoch
+
+
+# --- Damaged, foreign and unsafe checkpoints ----------------------------------------------------
+
+class RunsCode:
+    """Unpickling this creates a file: the proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def damaged_checkpoints(folder, good):
+    """name -> path of a file that --resume must refuse in one line."""
+    blob = open(good, "rb").read()
+    files = {f"truncated at {n}": blob[:n] for n in (1, 4, 100, 5000, len(blob) // 2, len(blob) - 1)}
+    files["empty"] = b""
+    files["text"] = b"epoch 3, loss 0.1\nthis is not a checkpoint\n"
+    paths = {}
+    for name, content in files.items():
+        paths[name] = folder / (name.replace(" ", "_") + ".pth.tar")
+        paths[name].write_bytes(content)
+    marker = str(folder / "code_ran")
+    paths["pickle that runs code"] = folder / "evil_pickle.pth.tar"
+    with open(paths["pickle that runs code"], "wb") as f:
+        pickle.dump({"format": utils.FORMAT, "payload": RunsCode(marker)}, f)
+    paths["torch file that runs code"] = folder / "evil_torch.pth.tar"
+    torch.save({"format": utils.FORMAT, "format_version": utils.FORMAT_VERSION, "payload": RunsCode(marker)},
+               paths["torch file that runs code"])
+    paths["foreign torch file"] = folder / "foreign.pth.tar"
+    torch.save({"state_dict": {"weight": torch.zeros(3)}}, paths["foreign torch file"])
+    paths["other format version"] = folder / "version99.pth.tar"
+    state = torch.load(good, weights_only=True)
+    torch.save({**state, "format_version": 99}, paths["other format version"])
+    return paths, marker
+
+
+def test_damaged_foreign_and_unsafe_checkpoints_are_refused_in_one_line(small_mnist, straight_run, tmp_path, capsys):
+    paths, marker = damaged_checkpoints(tmp_path, straight_run / "checkpoint.pth.tar")
+    expected = {"truncated": "truncated", "empty": "empty", "text": "not a PyTorch checkpoint",
+                "pickle that runs code": "arbitrary code", "torch file that runs code": "arbitrary code",
+                "foreign torch file": "not an adversarial wake-sleep checkpoint",
+                "other format version": "format version 99"}
+    for name, path in paths.items():
+        assert train.main(common_args(small_mnist, tmp_path / "out") + ["--resume", str(path)]) == 1, name
+        line = one_error_line(capsys.readouterr().err)
+        assert str(path) in line and expected[name.split(" at ")[0]] in line, (name, line)
+    assert not os.path.exists(marker), "unpickling ran the file's code"
+    assert not os.path.exists(tmp_path / "out")  # refused before any work
+
+
+def test_checkpoint_of_another_architecture_is_refused(small_mnist, straight_run, tmp_path, capsys):
+    argv = common_args(small_mnist, tmp_path) + ["--resume", str(straight_run), "--n-filters", "8"]
+    assert train.main(argv) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "architecture mismatch" in line and "n_filters: checkpoint has 4, flags say 8" in line
+
+
+# --- Bad arguments ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """DATA/train: two classes of nine PNGs, a text file posing as a PNG and a cut-off PNG (20 files,
+    five whole batches of four, so that no file falls in the dropped remainder)."""
+    root = tmp_path_factory.mktemp("folder")
+    rng = np.random.default_rng(0)
+    for k in range(2):
+        (root / "train" / f"class{k}").mkdir(parents=True)
+        for i in range(9):
+            pixels = rng.integers(0, 255, size=(40, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "train" / f"class{k}" / f"{i}.png")
+    (root / "train" / "class0" / "corrupt.png").write_bytes(b"this is not an image")
+    whole = (root / "train" / "class1" / "0.png").read_bytes()
+    (root / "train" / "class1" / "truncated.png").write_bytes(whole[:len(whole) // 2])
+    return root
+
+
+def bad_arguments(tmp_path, small_mnist, image_folder):
+    """(flags replacing the defaults of a good run, what the message must name)."""
+    (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "no_images" / "train" / "class0").mkdir(parents=True)
+    cases = [
+        (["--image-size", "40"], "--image-size"), (["--image-size", "16"], "--image-size"),
+        (["--gamma", "1.5"], "--gamma"), (["--gamma", "-0.1"], "--gamma"),
+        (["--n-filters", "0"], "--n-filters"), (["--noise-dim", "-1"], "--noise-dim"),
+        (["--epochs", "0"], "--epochs"),
+        (["--lr-g", "0"], "--lr-g"), (["--lr-d", "-0.0001"], "--lr-d"), (["--lr-e", "0"], "--lr-e"),
+        (["--lr-rd", "0"], "--lr-rd"),
+        (["--batch-size", "0"], "--batch-size"), (["--batch-size", "1"], "--batch-size"),
+        (["--batch-size", str(N_TRAIN + 1)], "--batch-size"),
+        (["--data", str(tmp_path / "nowhere")], "--data"),
+        (["--dataset", "folder", "--data", str(tmp_path / "no_images")], "--data"),
+        (["--dataset", "folder", "--data", str(tmp_path)], "--data"),  # no train/ inside
+        (["--out", str(tmp_path / "a_file" / "run")], "--out"),
+        (["--resume", str(tmp_path / "missing.pth.tar")], "--resume"),
+        (["--save-every", "-1"], "--save-every"), (["--skip-nonfinite", "-2"], "--skip-nonfinite"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "--device cuda"))
+    if os.geteuid() != 0:  # root writes anywhere
+        (tmp_path / "read_only").mkdir(mode=0o500)
+        cases.append((["--out", str(tmp_path / "read_only" / "run")], "--out"))
+    return cases
+
+
+def test_every_bad_argument_is_refused_before_any_work(small_mnist, image_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    for flags, named in bad_arguments(tmp_path, small_mnist, image_folder):
+        with pytest.raises(SystemExit) as exit_:
+            train.main(common_args(small_mnist, out) + flags)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2, (flags, err)
+        message = err.strip().splitlines()[-1]
+        assert message.startswith("usage:") or "error:" in message, err
+        assert named in message, (flags, message)
+        assert not out.exists(), flags  # nothing written before the refusal
+
+
+# --- Divergence ---------------------------------------------------------------------------------
+
+def nan_at(monkeypatch, calls_to_spoil, on_spoil=lambda: None):
+    """Make the generator's prediction loss NaN at the given steps (counted over the run)."""
+    real, count = losses.generator_prediction_loss, [0]
+
+    def spoiled(*args, **kwargs):
+        count[0] += 1
+        loss = real(*args, **kwargs)
+        if count[0] in calls_to_spoil:
+            on_spoil()
+            return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(losses, "generator_prediction_loss", spoiled)
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_state(small_mnist, straight_run, tmp_path, capsys,
+                                                            monkeypatch):
+    ckpt = tmp_path / "checkpoint.pth.tar"
+    on_disk = {}
+    nan_at(monkeypatch, {STEPS + 3}, on_spoil=lambda: on_disk.update(before=ckpt.read_bytes()))
+    assert train.main(common_args(small_mnist, tmp_path)) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "non-finite loss_g" in line and "epoch 2, step 3" in line, line
+
+    assert ckpt.read_bytes() == on_disk["before"]  # the last good checkpoint was not written over
+    assert utils.load_checkpoint(ckpt)["epoch"] == 1
+    good = utils.load_checkpoint(tmp_path / "nonfinite_state.pth.tar")
+    assert (good["epoch"], good["step"]) == (1, 2)
+    assert all(torch.isfinite(t).all() for t in good["networks"].values() if t.is_floating_point())
+    # The bad step left no trace: BatchNorm counted, and Adam stepped, for the good steps only.
+    assert good["networks"]["inference.norms.0.num_batches_tracked"] == STEPS + 2
+    assert all(s["step"] == STEPS + 2 for s in good["optimizers"]["generator"]["state"].values())
+
+    monkeypatch.undo()  # resuming from the saved state finishes the run
+    assert train.main(common_args(small_mnist, tmp_path) + ["--resume", str(tmp_path / "nonfinite_state.pth.tar")]) == 0
+    assert utils.load_checkpoint(ckpt)["epoch"] == 2
+
+
+def test_skip_nonfinite_skips_up_to_n_steps_then_stops(small_mnist, tmp_path, capsys, monkeypatch):
+    nan_at(monkeypatch, {3, 5})
+    argv = common_args(small_mnist, tmp_path, epochs=1) + ["--skip-nonfinite", "1"]
+    assert train.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "skipped epoch 1, step 3: non-finite loss_g" in err
+    assert "epoch 1, step 5" in one_error_line(err)
+    good = utils.load_checkpoint(tmp_path / "nonfinite_state.pth.tar")
+    assert good["step"] == 4 and good["partial"]["skipped"] == 1 and good["skipped_steps"] == 1
+    assert good["networks"]["inference.norms.0.num_batches_tracked"] == 3
+
+
+# --- Damaged data -------------------------------------------------------------------------------
+
+def test_unreadable_images_are_named_skipped_and_counted(image_folder, tmp_path, capsys):
+    argv = TINY + ["--dataset", "folder", "--data", str(image_folder), "-b", "4", "--epochs", "1", "-j", "0",
+                   "--probe-folds", "0", "--seed", "0", "--out", str(tmp_path)]
+    assert train.main(argv) == 0
+    err = capsys.readouterr().err
+    for name in ("corrupt.png", "truncated.png"):
+        assert re.search(rf"skipping unreadable image \S*{name}", err), err
+    assert "epoch 1: skipped 2 unreadable images" in err
+    assert utils.load_checkpoint(tmp_path)["epoch"] == 1
+
+
+@pytest.mark.parametrize("dataset, victim", [("mnist", "MNIST/raw/train-labels-idx1-ubyte"),
+                                             ("mnist", "MNIST/raw/train-images-idx3-ubyte"),
+                                             ("cifar10", "cifar-10-batches-py/data_batch_2")])
+def test_truncated_dataset_file_is_named(dataset, victim, tmp_path, capsys):
+    root = (write_mnist if dataset == "mnist" else write_cifar10)(tmp_path / "data")
+    path = os.path.join(root, victim)
+    whole = open(path, "rb").read()
+    for size in (0, 5, len(whole) - 3):
+        open(path, "wb").write(whole[:size])
+        argv = TINY + ["--dataset", dataset, "--data", root, "-b", "4", "--out", str(tmp_path / "out")]
+        assert train.main(argv) == 1
+        assert path in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("dataset, victim", [("mnist", "MNIST/raw/train-labels-idx1-ubyte"),
+                                             ("cifar10", "cifar-10-batches-py/data_batch_4")])
+def test_missing_dataset_file_is_named(dataset, victim, tmp_path, monkeypatch):
+    root = (write_mnist if dataset == "mnist" else write_cifar10)(tmp_path)
+    os.remove(os.path.join(root, victim))
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("no network in the tests")
+
+    monkeypatch.setattr(data.datasets, "MNIST" if dataset == "mnist" else "CIFAR10", offline)
+    with pytest.raises(data.DataMissing, match=os.path.basename(victim)):
+        data.load_in_memory(dataset, root, 32)
