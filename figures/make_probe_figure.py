@@ -9,6 +9,7 @@ folder and epoch. Needs matplotlib (for figures only; not a requirement of the c
 import argparse
 import json
 import os
+import textwrap
 
 import matplotlib
 
@@ -44,8 +45,8 @@ def main(argv=None):
     ax.set_yticks(range(0, 101, 20))
     ax.set_ylabel("linear SVM accuracy (%)")
     first = records[0]
-    ax.set_title(args.title or f"{first['dataset']} test split: {first['n_images']} images, "
-                               f"{first['n_folds']}-fold", fontsize=9)
+    title = args.title or f"{first['dataset']} test split: {first['n_images']} images, {first['n_folds']}-fold"
+    ax.set_title(textwrap.fill(title, 75), fontsize=9)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
