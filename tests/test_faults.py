@@ -68,8 +68,9 @@ def same_training_state(a, b):
         sa, sb = a["optimizers"][name]["state"], b["optimizers"][name]["state"]
         for i in sa:
             assert torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]), (name, i)
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
-    assert strip(a["history"]) == strip(b["history"])
+    assert len(a["history"]) == len(b["history"])
+    for ra, rb in zip(a["history"], b["history"]):
+        assert {k: v for k, v in ra.items() if k != "seconds"} == {k: v for k, v in rb.items() if k != "seconds"}
 
 
 def one_error_line(err):
@@ -95,8 +96,8 @@ def start_training(argv):
 def wait_for_steps(proc, err, n, timeout=60):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        done = [int(s) for s in re.findall(rf"epoch 1/\d+: .*?\| (\d+)/{STEPS} \[", "".join(err))]
-        if done and max(done) >= n:
+        done = re.findall(rf"\| (\d+)/{STEPS} \[", "".join(err))  # tqdm's "| 3/40 [00:01<..."
+        if done and int(done[-1]) >= n:
             return
         assert proc.poll() is None, "".join(err)
         time.sleep(0.05)
@@ -116,11 +117,12 @@ def test_signal_mid_epoch_saves_and_resume_matches_uninterrupted_run(sig, small_
     assert f"--resume {ckpt}" in err and "Traceback" not in err
 
     state = utils.load_checkpoint(ckpt)
-    assert state["epoch"] == 0 and 2 <= state["step"] < STEPS and state["partial"] is not None
+    # Saved inside an epoch (the first, unless this machine stalled the test for a whole epoch).
+    assert state["partial"] is not None and 0 < state["step"] < STEPS, (state["epoch"], state["step"])
     resumed = subprocess.run([sys.executable, "train.py", *argv, "--resume", str(ckpt)], cwd=ROOT,
-                             env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
+                             env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120, check=False)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resumed from {ckpt}: 0 epochs and {state['step']} steps" in resumed.stdout
+    assert f"resumed from {ckpt}: {state['epoch']} epochs and {state['step']} steps" in resumed.stdout
     same_training_state(utils.load_checkpoint(straight_run), utils.load_checkpoint(ckpt))
 
 
@@ -196,7 +198,7 @@ class RunsCode:
 
 def damaged_checkpoints(folder, good):
     """name -> path of a file that --resume must refuse in one line."""
-    blob = open(good, "rb").read()
+    blob = good.read_bytes()
     files = {f"truncated at {n}": blob[:n] for n in (1, 4, 100, 5000, len(blob) // 2, len(blob) - 1)}
     files["empty"] = b""
     files["text"] = b"epoch 3, loss 0.1\nthis is not a checkpoint\n"
@@ -242,24 +244,7 @@ def test_checkpoint_of_another_architecture_is_refused(small_mnist, straight_run
 
 # --- Bad arguments ------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    """DATA/train: two classes of nine PNGs, a text file posing as a PNG and a cut-off PNG (20 files,
-    five whole batches of four, so that no file falls in the dropped remainder)."""
-    root = tmp_path_factory.mktemp("folder")
-    rng = np.random.default_rng(0)
-    for k in range(2):
-        (root / "train" / f"class{k}").mkdir(parents=True)
-        for i in range(9):
-            pixels = rng.integers(0, 255, size=(40, 40, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / "train" / f"class{k}" / f"{i}.png")
-    (root / "train" / "class0" / "corrupt.png").write_bytes(b"this is not an image")
-    whole = (root / "train" / "class1" / "0.png").read_bytes()
-    (root / "train" / "class1" / "truncated.png").write_bytes(whole[:len(whole) // 2])
-    return root
-
-
-def bad_arguments(tmp_path, small_mnist, image_folder):
+def bad_arguments(tmp_path):
     """(flags replacing the defaults of a good run, what the message must name)."""
     (tmp_path / "a_file").write_text("not a folder")
     (tmp_path / "no_images" / "train" / "class0").mkdir(parents=True)
@@ -287,16 +272,15 @@ def bad_arguments(tmp_path, small_mnist, image_folder):
     return cases
 
 
-def test_every_bad_argument_is_refused_before_any_work(small_mnist, image_folder, tmp_path, capsys):
+def test_every_bad_argument_is_refused_before_any_work(small_mnist, tmp_path, capsys):
     out = tmp_path / "out"
-    for flags, named in bad_arguments(tmp_path, small_mnist, image_folder):
+    for flags, named in bad_arguments(tmp_path):
         with pytest.raises(SystemExit) as exit_:
             train.main(common_args(small_mnist, out) + flags)
         err = capsys.readouterr().err
         assert exit_.value.code == 2, (flags, err)
-        message = err.strip().splitlines()[-1]
-        assert message.startswith("usage:") or "error:" in message, err
-        assert named in message, (flags, message)
+        message = err.strip().splitlines()[-1]  # argparse's "train.py: error: ..."
+        assert "error:" in message and named in message, (flags, err)
         assert not out.exists(), flags  # nothing written before the refusal
 
 
@@ -354,6 +338,23 @@ def test_skip_nonfinite_skips_up_to_n_steps_then_stops(small_mnist, tmp_path, ca
 
 # --- Damaged data -------------------------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """DATA/train: two classes of nine PNGs, a text file posing as a PNG and a cut-off PNG (20 files,
+    five whole batches of four, so that no file falls in the dropped remainder)."""
+    root = tmp_path_factory.mktemp("folder")
+    rng = np.random.default_rng(0)
+    for k in range(2):
+        (root / "train" / f"class{k}").mkdir(parents=True)
+        for i in range(9):
+            pixels = rng.integers(0, 255, size=(40, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "train" / f"class{k}" / f"{i}.png")
+    (root / "train" / "class0" / "corrupt.png").write_bytes(b"this is not an image")
+    whole = (root / "train" / "class1" / "0.png").read_bytes()
+    (root / "train" / "class1" / "truncated.png").write_bytes(whole[:len(whole) // 2])
+    return root
+
+
 def test_unreadable_images_are_named_skipped_and_counted(image_folder, tmp_path, capsys):
     argv = TINY + ["--dataset", "folder", "--data", str(image_folder), "-b", "4", "--epochs", "1", "-j", "0",
                    "--probe-folds", "0", "--seed", "0", "--out", str(tmp_path)]
@@ -371,9 +372,11 @@ def test_unreadable_images_are_named_skipped_and_counted(image_folder, tmp_path,
 def test_truncated_dataset_file_is_named(dataset, victim, tmp_path, capsys):
     root = (write_mnist if dataset == "mnist" else write_cifar10)(tmp_path / "data")
     path = os.path.join(root, victim)
-    whole = open(path, "rb").read()
+    with open(path, "rb") as f:
+        whole = f.read()
     for size in (0, 5, len(whole) - 3):
-        open(path, "wb").write(whole[:size])
+        with open(path, "wb") as f:
+            f.write(whole[:size])
         argv = TINY + ["--dataset", dataset, "--data", root, "-b", "4", "--out", str(tmp_path / "out")]
         assert train.main(argv) == 1
         assert path in one_error_line(capsys.readouterr().err)
