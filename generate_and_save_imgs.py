@@ -68,6 +68,8 @@ def check_args(args, parser):
         path = getattr(args, flag)
         if path is not None and not path.endswith(".npz"):
             problems.append(f"--{flag.replace('_', '-')} {path} must end in .npz")
+    if args.fid_ref and args.n_images < 2:
+        problems.append("--fid-ref needs --n-images of at least 2 (a covariance)")
     if args.save_ref_stats and not args.fid_ref:
         problems.append("--save-ref-stats needs --fid-ref")
     if args.save_ref_stats and args.fid_ref and args.fid_ref.endswith(".npz"):
@@ -142,6 +144,7 @@ def generate(args):
 
     if args.npz:
         array = torch.cat(kept).permute(0, 2, 3, 1).numpy()  # (N, S, S, 3), the layout of the PNGs
+        os.makedirs(os.path.dirname(os.path.abspath(args.npz)), exist_ok=True)
         write_atomically(args.npz, lambda f: np.savez(f, images=array))
         print(f"wrote all samples as one array to {args.npz}")
     manifest = {"checkpoint": os.path.abspath(ckpt), "epoch": state.get("epoch"), "seed": args.seed,
