@@ -155,8 +155,8 @@ def numbered_checkpoint(i):
     return {"model": ModelConfig().to_dict(), "networks": {"weights": torch.full((2_000_000,), float(i))}, "i": i}
 
 
-def keep_writing_checkpoints(path):
-    for i in range(10 ** 6):
+def keep_writing_checkpoints(path, first):
+    for i in range(first, first + 10 ** 6):
         utils.save_checkpoint(path, numbered_checkpoint(i))
 
 
@@ -165,16 +165,21 @@ def test_sigkill_during_checkpoint_writes_leaves_the_last_one_readable(tmp_path)
     utils.save_checkpoint(path, numbered_checkpoint(-1))
     rng = random.Random(0)
     seen = set()
-    for _ in range(8):
-        writer = multiprocessing.get_context("fork").Process(target=keep_writing_checkpoints, args=(path,))
+    for round_ in range(8):
+        before = os.stat(path).st_ino
+        writer = multiprocessing.get_context("fork").Process(target=keep_writing_checkpoints,
+                                                             args=(path, round_ * 10 ** 6))
         writer.start()
-        time.sleep(rng.uniform(0.05, 0.4))
+        deadline = time.time() + 30
+        while os.stat(path).st_ino == before and time.time() < deadline:  # each rename is a new file
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, 0.1))  # then kill it at a random moment of a later write
         os.kill(writer.pid, signal.SIGKILL)
         writer.join()
         state = utils.load_checkpoint(path)  # whole: one of the writes, never part of one
         assert torch.all(state["networks"]["weights"] == state["i"])
-        seen.add(state["i"])
-    assert len(seen) > 1  # the kills came between and during writes, not all before the first
+        seen.add(state["i"] // 10 ** 6)
+    assert seen == set(range(8))  # every round had written at least once before its kill
     # A kill mid-write may leave its temporary file behind, never a damaged checkpoint.
     assert all(name == "checkpoint.pth.tar" or name.endswith(".tmp") for name in os.listdir(tmp_path))
 
