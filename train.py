@@ -199,7 +199,8 @@ def training_step(nets, optimizers, x, hp: StepConfig, check_finite=True):
             # Replay the top layers of the wake samples D found least wake-like.
             worst = d_wake.detach().argsort()[:B // 2]
             z[:B // 2] = wake[5].detach()[worst]
-    sleep = G(z)
+    with torch.set_grad_enabled(R is not None):  # without a readout, sleep states are only ever detached
+        sleep = G(z)
 
     if hp.gamma > 0:
         # --- Discriminator: wake states high, sleep states low.
