@@ -74,8 +74,9 @@ def minibatch_stddev(h):
 
 
 def _add_noise(h, sigma):
-    # sigma is a 0-d buffer; multiplying keeps it on the device (no host sync).
-    return h + sigma * torch.randn_like(h)
+    # sigma is a 0-d buffer; multiplying keeps it on the device (no host sync). The noise is drawn
+    # in float32 whatever h is, so bf16 autocast (--amp) draws the same numbers as float32.
+    return h + sigma * torch.randn_like(h, dtype=torch.float32)
 
 
 class DeReLU(nn.Module):
@@ -92,7 +93,7 @@ class DeReLU(nn.Module):
     def forward(self, h):
         # Exponential(1) by inversion, -log(1 - U): the same law as exponential_(), which is
         # about 5x slower on CPUs and was the largest non-matmul cost of a step.
-        e = torch.rand_like(h).neg_().log1p_().neg_()
+        e = torch.rand_like(h, dtype=torch.float32).neg_().log1p_().neg_()
         return torch.where(h > 0, h, -self.scale.view(1, -1, 1, 1) * e)
 
 

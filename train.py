@@ -85,6 +85,8 @@ def get_parser():
     g.add_argument("--seed", type=int, default=None, help="random seed (default: drawn, and recorded)")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to train")
     g.add_argument("--gpu", type=int, default=None, help="CUDA device index (implies --device cuda)")
+    g.add_argument("--amp", action="store_true",
+                   help="mixed precision: bf16 autocast of the forward passes; losses, penalties and weights stay float32")
     g.add_argument("--probe-folds", type=int, default=5,
                    help="folds of the linear decoding probe after the last epoch; 0 skips it")
     return p
@@ -140,11 +142,13 @@ class StepConfig:
     scale_by_d: bool = False
     prioritized_replay: bool = False
     gradient_clipping: float = 50.0
+    amp: bool = False  # bf16 autocast of the forward passes
 
     @classmethod
     def from_args(cls, args):
-        return cls(args.gamma, args.lamda, args.lamda2, args.kl_from_sn, args.scale_gen_surprisal_by_D,
-                   args.prioritized_replay, args.gradient_clipping)
+        return cls(gamma=args.gamma, lamda=args.lamda, lamda2=args.lamda2, kl_from_sn=args.kl_from_sn,
+                   scale_by_d=args.scale_gen_surprisal_by_D, prioritized_replay=args.prioritized_replay,
+                   gradient_clipping=args.gradient_clipping, amp=args.amp)
 
 
 def make_optimizers(nets, args):
@@ -164,23 +168,23 @@ class NonFiniteError(Exception):
         self.terms = terms
 
 
-def _leaves(states):
-    return [h.detach().requires_grad_(True) for h in states]
+def _leaves(states, dtype):
+    # In the data's precision (float32 under --amp), so the penalties' gradients and norms are too.
+    return [h.detach().to(dtype).requires_grad_(True) for h in states]
 
 
-def training_step(nets, optimizers, x, hp: StepConfig, check_finite=True):
-    """One step of Adversarial Wake-Sleep. Returns the step's metrics as 0-d tensors.
+def step_losses(nets, x, hp: StepConfig):
+    """The forward passes and loss terms of one step: (total, metrics as 0-d tensors).
 
-    Every network's gradient comes out of one backward pass of a sum of terms, each
-    reaching only its own network (SPEC: all gradients at the same parameter values,
-    then each Adam steps once). Where a loss and its negation share a forward pass
-    (D and F on the wake state; R and G on the sleep image) the pass runs once and the
-    opposing network receives the input-gradient that the penalty needed anyway."""
+    The gradient of `total` w.r.t. each network's parameters is that network's gradient:
+    every term reaches only its own network (SPEC: all gradients at the same parameter
+    values). Where a loss and its negation share a forward pass (D and F on the wake
+    state; R and G on the sleep image) the pass runs once and the opposing network
+    receives the input-gradient that the penalty needed anyway, through a surrogate term
+    whose gradient, not value, is the one it must follow."""
     F, G, D, R = nets.inference, nets.generator, nets.discriminator, nets.readout
     B = x.size(0)
     zero = x.new_zeros(())
-    for opt in optimizers.values():
-        opt.zero_grad(set_to_none=True)
     out = dict.fromkeys(METRICS, zero)
     surrogates = []  # terms whose gradient (not value) is what a network must follow
 
@@ -192,8 +196,8 @@ def training_step(nets, optimizers, x, hp: StepConfig, check_finite=True):
     # --- Sleep: the generator dreams a state from noise.
     z = torch.randn(B, nets.cfg.noise_dim, 1, 1, device=x.device, dtype=x.dtype)
     if hp.gamma > 0:
-        wake_in = _leaves(wake)
-        d_wake = D(wake_in)
+        wake_in = _leaves(wake, x.dtype)
+        d_wake = D(wake_in).to(x.dtype)
         g_wake = losses.state_gradients(d_wake, wake_in)
         if hp.prioritized_replay:
             # Replay the top layers of the wake samples D found least wake-like.
@@ -204,8 +208,8 @@ def training_step(nets, optimizers, x, hp: StepConfig, check_finite=True):
 
     if hp.gamma > 0:
         # --- Discriminator: wake states high, sleep states low.
-        sleep_in = _leaves(sleep)
-        d_sleep = D(sleep_in)
+        sleep_in = _leaves(sleep, x.dtype)
+        d_sleep = D(sleep_in).to(x.dtype)
         g_sleep = losses.state_gradients(d_sleep, sleep_in)
         loss_d = losses.discriminator_loss(d_wake, d_sleep, losses.l1_gradient_penalty(g_wake),
                                            losses.l1_gradient_penalty(g_sleep), hp.gamma, hp.lamda)
@@ -226,16 +230,16 @@ def training_step(nets, optimizers, x, hp: StepConfig, check_finite=True):
         loss_d = loss_f = loss_g = zero
     kl = zero
     if hp.kl_from_sn:
-        kl = 1e-4 * losses.kl_from_standard_normal(wake[5])
+        kl = 1e-4 * losses.kl_from_standard_normal(wake[5].to(x.dtype))
         loss_f = loss_f + kl
 
     loss_r = zero
     if R is not None:
         # --- Readout: R(F4(.)) is a WGAN-GP critic on images, trained with F.
-        r_real = R(wake[4])
+        r_real = R(wake[4]).to(x.dtype)
         (grad_real,) = torch.autograd.grad(r_real.sum(), x, create_graph=True)
-        fake = sleep[0].detach().requires_grad_(True)
-        r_fake = R(F(fake, to_layer=4)[4])
+        fake = sleep[0].detach().to(x.dtype).requires_grad_(True)
+        r_fake = R(F(fake, to_layer=4)[4]).to(x.dtype)
         (grad_fake,) = torch.autograd.grad(r_fake.sum(), fake, create_graph=True)
         loss_r = losses.readout_critic_loss(r_real, r_fake, losses.l2_gradient_penalty(grad_real),
                                             losses.l2_gradient_penalty(grad_fake), hp.gamma, hp.lamda2)
@@ -247,6 +251,16 @@ def training_step(nets, optimizers, x, hp: StepConfig, check_finite=True):
     out.update(loss_f=loss_f.detach(), loss_g=loss_g.detach(), loss_r=loss_r.detach())
     # loss_g's readout part is computed from detached scores: G follows it through its surrogate.
     total = loss_d + loss_r + kl + loss_g + sum(surrogates, zero)
+    return total, out
+
+
+def training_step(nets, optimizers, x, hp: StepConfig, check_finite=True):
+    """One step of Adversarial Wake-Sleep: one backward pass for all networks, clipping,
+    a check that nothing is non-finite, then each Adam steps once. Returns the metrics."""
+    for opt in optimizers.values():
+        opt.zero_grad(set_to_none=True)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=hp.amp):
+        total, out = step_losses(nets, x, hp)
     params = [p for net in nets.parts().values() for p in net.parameters()]
     total.backward(inputs=params)
 

@@ -1,6 +1,7 @@
 """The training step against a plain term-by-term evaluation of SPEC.md, and the training loop."""
 import copy
 import csv
+import dataclasses
 import os
 import shlex
 
@@ -246,3 +247,28 @@ def test_help_lists_every_flag(capsys):
     for line in _seed_command_lines():
         for flag in (t for t in shlex.split(line) if t.startswith("-")):
             assert flag in text, flag
+
+
+@pytest.mark.parametrize("divisive", [False, True])
+def test_amp_bf16_stays_finite_and_close_to_float32(divisive):
+    """--amp: bf16 autocast of the forward passes; over a few steps the losses track float32's.
+
+    Noise is drawn in float32 either way, so both runs sample the same states. With divisive
+    normalization the readout's input-gradient penalty is dominated by a few nearly silent
+    pixels, whose normalization amplifies any rounding (in float32 too), so there loss_r is
+    only required to be finite."""
+    from conftest import class_images
+    data = torch.from_numpy(class_images((torch.arange(32) % 10).numpy(), 32, 1, seed=1)).float() / 127.5 - 1
+    hp = train.StepConfig(gamma=0.9, lamda=0.7, lamda2=7, kl_from_sn=True)
+    runs = {}
+    for amp in (False, True):
+        torch.manual_seed(0)
+        nets = Networks(ModelConfig(n_filters=8, noise_dim=8, divisive_normalization=divisive, readout=True))
+        optimizers = train.make_optimizers(nets, train.get_parser().parse_args([]))
+        runs[amp] = [train.training_step(nets, optimizers, data, dataclasses.replace(hp, amp=amp)) for _ in range(4)]
+        assert all(p.dtype == torch.float32 for p in nets.parameters())
+    compared = ["loss_d", "loss_f", "loss_g", "d_wake", "d_sleep"] + ([] if divisive else ["loss_r"])
+    for fp32, bf16 in zip(runs[False], runs[True]):
+        assert all(torch.isfinite(v) and v.dtype == torch.float32 for v in bf16.values())
+        for k in compared:
+            assert abs(bf16[k].item() - fp32[k].item()) <= 0.05 * abs(fp32[k].item()) + 0.02, k
