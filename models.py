@@ -69,7 +69,9 @@ def divisive_norm(h, eps=1e-8):
 def minibatch_stddev(h):
     """(B, ...) -> (B, F+1): flatten and append the mean over features of the batch std (ProGAN)."""
     flat = h.flatten(1)
-    std = torch.sqrt(flat.var(dim=0, unbiased=False) + 1e-8).mean()
+    # The biased variance written out: torch.var over the batch axis is several times slower on CPUs.
+    centered = flat - flat.mean(dim=0, keepdim=True)
+    std = torch.sqrt(centered.pow(2).mean(dim=0) + 1e-8).mean()
     return torch.cat([flat, std.expand(flat.size(0), 1)], dim=1)
 
 
