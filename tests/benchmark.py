@@ -4,13 +4,15 @@
     python tests/benchmark.py --out bench.json              # CPU, and CUDA when present
     python tests/benchmark.py --baseline --epoch            # + the term-by-term step, + a whole epoch
 
-For each of the paper's settings it reports the median time of a training step after warm-up,
+For each of the paper's settings it reports the median time of a training step after warm-up
+(float32, and bf16 autocast as with train.py --amp),
 the step's floating-point operations (counted by torch.utils.flop_counter) and the fraction of
 this machine's dense float32 matrix-multiply rate they achieve, so that a figure means something
 on any machine. `--baseline` also times the plain term-by-term evaluation of SPEC.md's losses
 (each loss with its own forward passes, as the original release computes them).
 """
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -76,6 +78,10 @@ def build(name, device):
 
 def fast_step(nets, optimizers, x, hp):
     train.training_step(nets, optimizers, x, hp)
+
+
+def amp_step(nets, optimizers, x, hp):
+    train.training_step(nets, optimizers, x, dataclasses.replace(hp, amp=True))
 
 
 def baseline_step(nets, optimizers, x, hp):
@@ -184,7 +190,9 @@ def main():
         rate = matmul_rate(device)
         report["devices"][dev] = {"name": name, "matmul_tflops": rate / 1e12}
         print(f"{dev} ({name}): float32 matmul {rate / 1e9:.1f} GFLOP/s")
-        kinds = [("fast", fast_step)] + ([("baseline", baseline_step)] if args.baseline else [])
+        kinds = [("fast", fast_step), ("fast+amp", amp_step)]
+        if args.baseline:
+            kinds.append(("baseline", baseline_step))
         for setting in args.settings:
             for kind, step in kinds:
                 nets, optimizers, hp, batch = build(setting, device)
