@@ -78,7 +78,7 @@ def minibatch_stddev(h):
 def _add_noise(h, sigma):
     # sigma is a 0-d buffer; multiplying keeps it on the device (no host sync). The noise is drawn
     # in float32 whatever h is, so bf16 autocast (--amp) draws the same numbers as float32.
-    return h + sigma * torch.randn_like(h, dtype=torch.float32)
+    return h + torch.randn_like(h, dtype=torch.float32).mul_(sigma)
 
 
 class DeReLU(nn.Module):
@@ -93,10 +93,10 @@ class DeReLU(nn.Module):
         self.register_buffer("scale", torch.full((channels,), float(scale)))
 
     def forward(self, h):
-        # Exponential(1) by inversion, -log(1 - U): the same law as exponential_(), which is
-        # about 5x slower on CPUs and was the largest non-matmul cost of a step.
-        e = torch.rand_like(h, dtype=torch.float32).neg_().log1p_().neg_()
-        return torch.where(h > 0, h, -self.scale.view(1, -1, 1, 1) * e)
+        # -scale * E with E ~ Exponential(1) drawn by inversion, E = -log(1 - U): the same law as
+        # exponential_() (and log() rather than log1p()), several times faster on CPUs.
+        fill = torch.rand_like(h, dtype=torch.float32).neg_().add_(1).log_().mul_(self.scale.view(1, -1, 1, 1))
+        return torch.where(h > 0, h, fill)
 
 
 class Inference(nn.Module):
