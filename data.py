@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from torch.utils.data import default_collate
+from torch.utils.data import DistributedSampler, default_collate
 from torchvision import datasets, transforms
 
 IN_MEMORY = ("digits", "mnist", "cifar10")
@@ -157,30 +157,51 @@ def load_in_memory(dataset, root, image_size, train=True):
     return _resize(images, image_size), labels
 
 
+def _shards(n_or_dataset, rank, world_size, shuffle, drop_last):
+    """Process `rank`'s shard of every epoch. DistributedSampler deals out one permutation of all the
+    images in turn, so at every step the processes' batches together are the one process's batch;
+    drop_last gives every process the same number of batches (else the last steps would wait forever)."""
+    dataset = range(n_or_dataset) if isinstance(n_or_dataset, int) else n_or_dataset
+    return DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle,
+                              drop_last=drop_last and world_size > 1)
+
+
+def _seed_shards(sampler, seed, epoch):
+    # DistributedSampler permutes with seed + epoch: this seed gives one process alone the order
+    # it always had, torch.randperm seeded with seed * 1_000_003 + epoch.
+    sampler.seed = seed * 1_000_003
+    sampler.set_epoch(epoch)
+
+
 class TensorBatches:
     """Minibatches of a dataset held as one uint8 tensor, shuffled by a seeded generator.
 
     The order of epoch e depends only on (seed, e), so a resumed run sees the same batches.
     The last incomplete batch is dropped: BatchNorm on the 1x1 top layer and the
-    minibatch-std feature need more than one sample."""
+    minibatch-std feature need more than one sample. With several processes (world_size),
+    `batch_size` is each process's share of the global batch and each takes its shard."""
     skipped = 0  # images that could not be read: none, they were all decoded up front
+    may_skip = False  # every batch it yields is whole
 
-    def __init__(self, images, labels, batch_size, device, shuffle=True, drop_last=True):
+    def __init__(self, images, labels, batch_size, device, shuffle=True, drop_last=True, rank=0, world_size=1):
         self.images, self.labels = images.to(device), labels.to(device)
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.sampler = _shards(len(images), rank, world_size, shuffle, drop_last)
         self.order = None
 
     def set_epoch(self, seed, epoch):
         if self.shuffle:
-            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            self.order = torch.randperm(len(self.images), generator=g).to(self.images.device)
+            _seed_shards(self.sampler, seed, epoch)
+            self.order = torch.tensor(list(self.sampler), dtype=torch.long, device=self.images.device)
 
     def __len__(self):
-        n, b = len(self.images), self.batch_size
+        n, b = len(self.sampler), self.batch_size
         return n // b if self.drop_last else -(-n // b)
 
     def __iter__(self):
-        order = self.order if self.order is not None else torch.arange(len(self.images), device=self.images.device)
+        order = self.order
+        if order is None:  # unshuffled, or shuffled before any set_epoch
+            order = torch.tensor(list(self.sampler), dtype=torch.long, device=self.images.device)
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             yield to_unit_range(self.images[idx]), self.labels[idx]
@@ -208,9 +229,12 @@ def _collate_readable(items):
 class FolderBatches:
     """Minibatches of an image folder (resize, center-crop), decoded by DataLoader workers.
 
-    Unreadable images are left out of their batch; `skipped` counts them in the current epoch."""
+    Unreadable images are left out of their batch; `skipped` counts them in the current epoch.
+    A batch left with fewer than two images is skipped; with several processes (world_size) it is
+    yielded as (None, None) instead, so that every process can skip that step together."""
 
-    def __init__(self, root, image_size, batch_size, device, workers=4, shuffle=True, drop_last=True):
+    def __init__(self, root, image_size, batch_size, device, workers=4, shuffle=True, drop_last=True, rank=0,
+                 world_size=1):
         if not os.path.isdir(root):
             raise DataMissing(f"image folder {root} does not exist (expected one sub-folder per class)")
         tf = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size),
@@ -220,15 +244,21 @@ class FolderBatches:
         except (FileNotFoundError, RuntimeError) as e:
             raise DataMissing(f"no images in {root}: {e}") from None
         self.device, self.shuffle = device, shuffle
+        self.may_skip = world_size > 1
+        self.sampler = _shards(self.dataset, rank, world_size, shuffle, drop_last)
+        # The sampler orders the images; the generator only seeds the workers, from (seed, epoch)
+        # rather than from the global random state, which a resumed run must find untouched.
         self.generator = torch.Generator()
         self.loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+            self.dataset, batch_size=batch_size, sampler=self.sampler, drop_last=drop_last,
             num_workers=workers, pin_memory=torch.device(device).type == "cuda", collate_fn=_collate_readable,
             generator=self.generator, persistent_workers=workers > 0)
         self.skipped = 0
 
     def set_epoch(self, seed, epoch):
         self.generator.manual_seed(seed * 1_000_003 + epoch)
+        if self.shuffle:
+            _seed_shards(self.sampler, seed, epoch)
 
     def __len__(self):
         return len(self.loader)
@@ -239,19 +269,22 @@ class FolderBatches:
             self.skipped += unreadable
             # Training needs two samples in a batch (BatchNorm on the 1x1 top layer, minibatch std).
             if x is None or (unreadable and len(x) < 2):
+                if self.may_skip:
+                    yield None, None
                 continue
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
 def make_batches(dataset, root, image_size, batch_size, device, train=True, workers=4, shuffle=True,
-                 drop_last=True):
-    """Batches of the train (or test) split; a DataError says what is missing."""
+                 drop_last=True, rank=0, world_size=1):
+    """Batches of the train (or test) split; a DataError says what is missing. With several
+    processes, `batch_size` is this process's share and the batches are its shard (rank of world_size)."""
     if dataset in IN_MEMORY:
         images, labels = load_in_memory(dataset, root, image_size, train)
-        return TensorBatches(images, labels, batch_size, device, shuffle, drop_last)
+        return TensorBatches(images, labels, batch_size, device, shuffle, drop_last, rank, world_size)
     if dataset in FOLDERS:
         sub = os.path.join(root, "train" if train else "val")
-        return FolderBatches(sub, image_size, batch_size, device, workers, shuffle, drop_last)
+        return FolderBatches(sub, image_size, batch_size, device, workers, shuffle, drop_last, rank, world_size)
     raise ValueError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
 
 

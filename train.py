@@ -11,6 +11,10 @@ config.json, with --save-every K checkpoint_epoch{E}.pth.tar every K epochs, and
 gen_images/imgs_epoch{E}.png. Ctrl-C (or SIGTERM) saves a checkpoint inside the epoch; --resume
 continues from it as if never stopped. A non-finite loss stops the run and saves the state before
 the bad step to nonfinite_state.pth.tar.
+
+Several GPUs or machines (data-parallel, --batch-size is the global batch; see distributed.py):
+
+    torchrun --nproc_per_node 8 train.py ...
 """
 import argparse
 import itertools
@@ -25,12 +29,13 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+import distributed
 import losses
 from data import DATASETS, DataError, DataMissing, channels_of, make_batches, num_images
 from metrics import format_probe, layer_features, linear_probe
 from models import ModelConfig, Networks
 from utils import (CHECKPOINT_NAME, CheckpointError, UserError, add_bool_flag, check_architecture, load_checkpoint,
-                   pick_device, save_checkpoint, save_grid, write_json, write_metrics_csv)
+                   save_checkpoint, save_grid, write_json, write_metrics_csv)
 
 METRICS = ("loss_d", "loss_f", "loss_g", "loss_r", "d_wake", "d_sleep")
 
@@ -89,6 +94,22 @@ def get_parser():
                    help="mixed precision: bf16 autocast of the forward passes; losses, penalties and weights stay float32")
     g.add_argument("--probe-folds", type=int, default=5,
                    help="folds of the linear decoding probe after the last epoch; 0 skips it")
+    g = p.add_argument_group("several processes (launch with torchrun; the other flags are the original's, "
+                             "the older way)")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="BatchNorm statistics of the global batch rather than of each process's shard")
+    g.add_argument("--world-size", type=int, default=None,
+                   help="processes in all (with --multiprocessing-distributed: machines); default: torchrun's")
+    g.add_argument("--rank", type=int, default=None,
+                   help="this process's rank (with --multiprocessing-distributed: this machine's); "
+                        "default: torchrun's")
+    g.add_argument("--dist-url", default="env://",
+                   help="where the processes meet: tcp://HOST:PORT of rank 0, or env:// "
+                        "(MASTER_ADDR and MASTER_PORT, which torchrun sets)")
+    g.add_argument("--dist-backend", default=None, choices=("nccl", "gloo"),
+                   help="default: nccl on CUDA GPUs, gloo on CPUs")
+    g.add_argument("--multiprocessing-distributed", action="store_true",
+                   help="start one process per CUDA GPU of this machine (torchrun --nproc_per_node does the same)")
     return p
 
 
@@ -105,6 +126,14 @@ def check_args(args, parser):
     if args.batch_size < 2:
         problems.append(f"--batch-size must be at least 2 (BatchNorm on the 1x1 top layer and the minibatch "
                         f"std need two samples), got {args.batch_size}")
+    world, dist_problems = distributed.check_flags(args)
+    problems += dist_problems
+    if world > 1 and args.batch_size % world:
+        problems.append(f"--batch-size {args.batch_size} is the global batch, and does not divide evenly among "
+                        f"the {world} processes")
+    elif world > 1 and args.batch_size // world < 2:
+        problems.append(f"--batch-size {args.batch_size} gives each of the {world} processes fewer than two samples "
+                        f"(BatchNorm on the 1x1 top layer and the minibatch std need two)")
     for flag in ("lamda", "lamda2", "wd", "gradient_clipping", "lr_decay", "workers", "probe_folds", "save_every",
                  "skip_nonfinite"):
         if getattr(args, flag) < 0:
@@ -153,8 +182,9 @@ class StepConfig:
 
 def make_optimizers(nets, args):
     lrs = {"inference": args.lr_e, "generator": args.lr_g, "discriminator": args.lr_d, "readout": args.lr_rd}
+    # fused: one kernel per parameter group instead of a dozen per tensor (CPU and CUDA)
     return {name: torch.optim.Adam(net.parameters(), lr=lrs[name], betas=(args.beta1, args.beta2),
-                                   weight_decay=args.wd)
+                                   weight_decay=args.wd, fused=True)
             for name, net in nets.parts().items()}
 
 
@@ -254,28 +284,35 @@ def step_losses(nets, x, hp: StepConfig):
     return total, out
 
 
-def training_step(nets, optimizers, x, hp: StepConfig, check_finite=True):
+def training_step(nets, optimizers, x, hp: StepConfig, check_finite=True, average=None):
     """One step of Adversarial Wake-Sleep: one backward pass for all networks, clipping,
-    a check that nothing is non-finite, then each Adam steps once. Returns the metrics."""
+    a check that nothing is non-finite, then each Adam steps once. Returns the metrics.
+
+    `average(nets, metrics) -> metrics` (several processes: distributed.Group.average) turns the
+    gradients and metrics into their means over the processes, before anything reads them."""
     for opt in optimizers.values():
         opt.zero_grad(set_to_none=True)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=hp.amp):
         total, out = step_losses(nets, x, hp)
     params = [p for net in nets.parts().values() for p in net.parameters()]
     total.backward(inputs=params)
+    if average is not None:
+        out = average(nets, out)
 
+    # One pass over each network's gradients finds its largest entry: clipping needs it, and it
+    # is NaN or inf exactly when some entry is, so it also serves the finiteness check.
+    grads = {name: [p.grad for p in net.parameters() if p.grad is not None] for name, net in nets.parts().items()}
+    norms = {name: torch.nn.utils.get_total_norm(g, norm_type="inf") for name, g in grads.items() if g}
+    if check_finite:  # one host sync per step
+        if not bool(torch.isfinite(torch.stack([*out.values(), *norms.values()])).all()):
+            bad = [k for k, v in out.items() if not torch.isfinite(v)]
+            bad += [f"gradient of {name}" for name, v in norms.items() if not torch.isfinite(v)]
+            raise NonFiniteError(bad)
     if hp.gradient_clipping > 0:
         for name in ("discriminator", "inference"):
-            torch.nn.utils.clip_grad_norm_(nets.parts()[name].parameters(), hp.gradient_clipping, norm_type="inf")
-    if check_finite:
-        # One host sync per step: the names are looked up only when something is wrong.
-        flags = torch.stack([torch.isfinite(v) for v in out.values()]
-                            + [torch.isfinite(p.grad).all() for p in params if p.grad is not None])
-        if not bool(flags.all()):
-            bad = [k for k, v in out.items() if not torch.isfinite(v)]
-            bad += [f"gradient of {name}" for name, net in nets.parts().items()
-                    if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in net.parameters())]
-            raise NonFiniteError(bad)
+            if name in norms:
+                torch.nn.utils.clip_grads_with_norm_(nets.parts()[name].parameters(), hp.gradient_clipping,
+                                                     norms[name])
     for opt in optimizers.values():
         opt.step()
     return out
@@ -313,10 +350,12 @@ class Interrupt:
               f"(interrupt again to exit at once)", file=sys.stderr)
 
 
-def checkpoint_state(args, nets, optimizers, seed, epoch, step, history, partial=None, probe=None, skipped=0):
+def checkpoint_state(args, nets, optimizers, seed, epoch, step, history, partial=None, probe=None, skipped=0,
+                     rngs=None):
     """Everything a run needs to continue, as tensors and plain data (loads with weights_only=True).
 
-    `partial` (the epoch's metric sums and skipped steps so far) marks a state inside an epoch."""
+    `partial` (the epoch's metric sums and skipped steps so far) marks a state inside an epoch; `rngs`
+    is then every process's random state by rank (distributed.Group.rng_states), by default this one's."""
     state = {
         "model": nets.cfg.to_dict(),
         "config": {k: v for k, v in vars(args).items()},
@@ -330,8 +369,11 @@ def checkpoint_state(args, nets, optimizers, seed, epoch, step, history, partial
         "skipped_steps": skipped,  # non-finite steps skipped in the whole run (--skip-nonfinite)
     }
     if partial is not None:  # inside an epoch: the random state is no longer a function of (seed, epoch)
-        state["rng"] = {"cpu": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        rngs = rngs or [{"cpu": torch.get_rng_state(),
+                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}]
+        state["rng"] = rngs[0]
+        if len(rngs) > 1:
+            state["rng_by_rank"] = rngs
         state["partial"] = partial
     return state
 
@@ -352,8 +394,9 @@ def resume_hint(path):
     return f"continue with the same command and --resume {path}"
 
 
-def train(args):
-    device = pick_device(args.device, args.gpu)
+def train(args, group):
+    """The training run of this process: the only one, or one of `group` (distributed.start)."""
+    device = group.device
     cfg = model_config(args)
     ckpt_path = os.path.join(args.out, CHECKPOINT_NAME)
 
@@ -363,26 +406,30 @@ def train(args):
         seed = resumed["seed"] if args.seed is None else args.seed
     else:
         seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31)
+    seed = group.from_main(seed)  # a drawn seed differs between processes; the data order must not
     args.seed = seed
 
     # The last checks of the arguments need the data and the file system; nothing is written before them.
     try:
-        batches = make_batches(args.dataset, args.data, args.image_size, args.batch_size, device, train=True,
-                               workers=args.workers)
+        batches = make_batches(args.dataset, args.data, args.image_size, args.batch_size // group.world_size, device,
+                               train=True, workers=args.workers, rank=group.rank, world_size=group.world_size)
     except DataMissing as e:
         raise BadArgument(f"--data {args.data}: {e}") from None
     if len(batches) == 0:
         raise BadArgument(f"--batch-size {args.batch_size} is larger than the {num_images(batches)} training images")
-    try:
-        os.makedirs(args.out, exist_ok=True)
-        with tempfile.TemporaryFile(dir=args.out):
-            pass
-    except OSError as e:
-        raise BadArgument(f"--out {args.out} cannot be written ({e.strerror})") from None
-    write_json(os.path.join(args.out, "config.json"), {"model": cfg.to_dict(), "args": vars(args)})
+    if group.is_main:  # the only process that writes
+        try:
+            os.makedirs(args.out, exist_ok=True)
+            with tempfile.TemporaryFile(dir=args.out):
+                pass
+        except OSError as e:
+            raise BadArgument(f"--out {args.out} cannot be written ({e.strerror})") from None
+        write_json(os.path.join(args.out, "config.json"), {"model": cfg.to_dict(), "args": vars(args)})
 
     torch.manual_seed(seed)
     nets = Networks(cfg).to(device)
+    if group.sync_bn:
+        distributed.convert_sync_batchnorm(nets)
     optimizers = make_optimizers(nets, args)
     hp = StepConfig.from_args(args)
     start_epoch, start_step, history, partial, skipped = 0, 0, [], None, 0
@@ -403,7 +450,11 @@ def train(args):
             if changed:
                 raise CheckpointError(f"{args.resume} stopped inside epoch {start_epoch + 1}; continuing it "
                                       f"needs {', '.join(changed)}")
-        print(f"resumed from {args.resume}: {start_epoch} epochs" + (f" and {start_step} steps" if start_step else ""))
+        if group.is_main:
+            print(f"resumed from {args.resume}: {start_epoch} epochs"
+                  + (f" and {start_step} steps" if start_step else ""))
+    group.broadcast_(nets)  # equal already (same seed, same file); now equal to the bit on any hardware
+    average = group.average if group.active else None
 
     # A fixed noise, so that the sample grids of successive epochs are comparable.
     fixed_z = torch.randn(100, cfg.noise_dim, 1, 1, generator=torch.Generator().manual_seed(seed)).to(device)
@@ -413,27 +464,42 @@ def train(args):
             if partial is None:  # an epoch boundary
                 if epoch > 0 and args.lr_decay and epoch % args.lr_decay == 0:
                     nets.decay_noise(10.0)
-                torch.manual_seed(epoch_seed(seed, epoch))
+                torch.manual_seed(distributed.rank_seed(epoch_seed(seed, epoch), group.rank))
                 sums = {k: torch.zeros((), device=device) for k in METRICS}
                 epoch_skipped = 0
             else:  # continue inside an interrupted epoch, exactly where it stopped
-                torch.set_rng_state(resumed["rng"]["cpu"].cpu())
-                if resumed["rng"]["cuda"] and device.type == "cuda":
-                    torch.cuda.set_rng_state_all([s.cpu() for s in resumed["rng"]["cuda"]])
+                rngs = resumed.get("rng_by_rank", [resumed["rng"]])
+                if len(rngs) == group.world_size:
+                    torch.set_rng_state(rngs[group.rank]["cpu"].cpu())
+                    if rngs[group.rank]["cuda"] and device.type == "cuda":
+                        torch.cuda.set_rng_state_all([s.cpu() for s in rngs[group.rank]["cuda"]])
+                else:
+                    # Stopped with another number of processes. The global batches go on where they
+                    # stopped, but random streams cannot be split or merged: each process starts a new
+                    # one, numbered past the ranks' own.
+                    torch.manual_seed(distributed.rank_seed(epoch_seed(seed, epoch),
+                                                            group.rank + group.world_size * start_step))
+                    if group.is_main:
+                        print(f"{args.resume} stopped inside an epoch with {len(rngs)} processes, not "
+                              f"{group.world_size}: the rest of epoch {epoch + 1} draws other noise than the "
+                              f"uninterrupted run would have", file=sys.stderr)
                 sums = {k: torch.as_tensor(partial[k], device=device) for k in METRICS}
                 epoch_skipped = partial.get("skipped", 0)
             batches.set_epoch(seed, epoch)
             t0 = time.time()
             remaining = itertools.islice(iter(batches), start_step, None)
             bar = tqdm(remaining, desc=f"epoch {epoch + 1}/{args.epochs}", initial=start_step, total=len(batches),
-                       dynamic_ncols=True)
+                       dynamic_ncols=True, disable=not group.is_main)
             step = start_step
             for step, (x, _) in enumerate(bar, start=start_step + 1):
+                if batches.may_skip and not group.all_true(x is not None):
+                    epoch_skipped += 1  # some process read too few images of its shard: all skip the step
+                    continue
                 # The forward pass moves BatchNorm statistics and spectral-norm estimates: keep them,
                 # so that a step refused as non-finite leaves no trace.
                 buffers = [b.clone() for b in nets.buffers()]
                 try:
-                    out = training_step(nets, optimizers, x, hp)
+                    out = training_step(nets, optimizers, x, hp, average=average)
                 except NonFiniteError as e:
                     with torch.no_grad():
                         for b, kept in zip(nets.buffers(), buffers):
@@ -442,59 +508,77 @@ def train(args):
                     if skipped < args.skip_nonfinite:
                         skipped += 1
                         epoch_skipped += 1
-                        bar.write(f"skipped {where}: non-finite {e} ({skipped} of --skip-nonfinite "
-                                  f"{args.skip_nonfinite})", file=sys.stderr)
+                        if group.is_main:
+                            bar.write(f"skipped {where}: non-finite {e} ({skipped} of --skip-nonfinite "
+                                      f"{args.skip_nonfinite})", file=sys.stderr)
                         continue
                     bar.close()
                     # The bad step was not applied: the networks and optimizers in memory are the last good state.
                     bad_path = os.path.join(args.out, "nonfinite_state.pth.tar")
                     partial = {**{k: v.item() for k, v in sums.items()}, "skipped": epoch_skipped}
-                    save_checkpoint(bad_path, checkpoint_state(args, nets, optimizers, seed, epoch, step - 1, history,
-                                                               partial, skipped=skipped))
+                    rngs = group.rng_states()
+                    if group.is_main:
+                        save_checkpoint(bad_path, checkpoint_state(args, nets, optimizers, seed, epoch, step - 1,
+                                                                   history, partial, skipped=skipped, rngs=rngs))
+                    group.barrier()
                     raise UserError(f"non-finite {e} at {where}. The state before that step is in {bad_path}, "
                                     f"and {ckpt_path} is untouched: resume from either with lower learning rates, "
                                     f"or allow a few bad steps with --skip-nonfinite N") from None
                 for k in METRICS:
                     sums[k] += out[k]
                 good = step - epoch_skipped
-                if step % 10 == 0 or step == len(batches):
+                if group.is_main and (step % 10 == 0 or step == len(batches)):
                     bar.set_postfix({k: f"{v.item() / good:.3g}" for k, v in sums.items()}, refresh=False)
-                if interrupt.signal is not None:
+                stop = group.agreed_signal(interrupt.signal)  # every process stops at the same step
+                if stop is not None:
                     bar.close()
                     partial = {**{k: v.item() for k, v in sums.items()}, "skipped": epoch_skipped}
-                    save_checkpoint(ckpt_path, checkpoint_state(args, nets, optimizers, seed, epoch, step,
-                                                                history, partial, skipped=skipped))
-                    print(f"saved {ckpt_path} at epoch {epoch + 1}, step {step}; {resume_hint(ckpt_path)}",
-                          file=sys.stderr)
-                    return 128 + interrupt.signal
+                    rngs = group.rng_states()
+                    if group.is_main:
+                        save_checkpoint(ckpt_path, checkpoint_state(args, nets, optimizers, seed, epoch, step,
+                                                                    history, partial, skipped=skipped, rngs=rngs))
+                        print(f"saved {ckpt_path} at epoch {epoch + 1}, step {step}; {resume_hint(ckpt_path)}",
+                              file=sys.stderr)
+                    group.barrier()
+                    return 128 + stop
             bar.close()
             start_step, partial = 0, None
             good = step - epoch_skipped
-            if batches.skipped:
-                print(f"epoch {epoch + 1}: skipped {batches.skipped} unreadable images (named above)", file=sys.stderr)
-            if epoch_skipped:
-                print(f"epoch {epoch + 1}: skipped {epoch_skipped} non-finite steps", file=sys.stderr)
+            unreadable = group.total(batches.skipped)
+            if unreadable and group.is_main:
+                print(f"epoch {epoch + 1}: skipped {unreadable} unreadable images (named above)", file=sys.stderr)
+            if epoch_skipped and group.is_main:
+                what = "steps (non-finite, or too few readable images on a process)" if batches.may_skip else \
+                    "non-finite steps"
+                print(f"epoch {epoch + 1}: skipped {epoch_skipped} {what}", file=sys.stderr)
             if good == 0:
                 raise UserError(f"epoch {epoch + 1} trained no step: every batch was unreadable or non-finite")
+            # The metrics were averaged over the processes at every step: every process holds the same row.
             row = {"epoch": epoch + 1, "steps": good, **{k: v.item() / good for k, v in sums.items()},
                    "sigma": nets.inference.sigma.item(), "seconds": round(time.time() - t0, 3)}
             history.append(row)
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-            if args.save_imgs:
-                nets.generator.eval()
-                with torch.no_grad():
-                    samples = nets.generator(fixed_z)[0]
-                nets.generator.train()
-                save_grid(samples, os.path.join(args.out, "gen_images", f"imgs_epoch{epoch + 1}.png"))
-            state = checkpoint_state(args, nets, optimizers, seed, epoch + 1, 0, history, skipped=skipped)
-            save_checkpoint(ckpt_path, state)
-            if args.save_every and (epoch + 1) % args.save_every == 0:
-                save_checkpoint(os.path.join(args.out, f"checkpoint_epoch{epoch + 1}.pth.tar"), state)
-            write_metrics_csv(os.path.join(args.out, "metrics.csv"), history)
-            if interrupt.signal is not None:  # it came during the epoch's last step or its bookkeeping
-                print(f"saved {ckpt_path} after epoch {epoch + 1}; {resume_hint(ckpt_path)}", file=sys.stderr)
-                return 128 + interrupt.signal
+            if group.is_main:
+                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+                if args.save_imgs:
+                    nets.generator.eval()
+                    with torch.no_grad():
+                        samples = nets.generator(fixed_z)[0]
+                    nets.generator.train()
+                    save_grid(samples, os.path.join(args.out, "gen_images", f"imgs_epoch{epoch + 1}.png"))
+                state = checkpoint_state(args, nets, optimizers, seed, epoch + 1, 0, history, skipped=skipped)
+                save_checkpoint(ckpt_path, state)
+                if args.save_every and (epoch + 1) % args.save_every == 0:
+                    save_checkpoint(os.path.join(args.out, f"checkpoint_epoch{epoch + 1}.pth.tar"), state)
+                write_metrics_csv(os.path.join(args.out, "metrics.csv"), history)
+            stop = group.agreed_signal(interrupt.signal)  # it came during the epoch's last step or its bookkeeping
+            if stop is not None:
+                if group.is_main:
+                    print(f"saved {ckpt_path} after epoch {epoch + 1}; {resume_hint(ckpt_path)}", file=sys.stderr)
+                return 128 + stop
 
+    group.barrier()  # rank 0's last checkpoint is whole
+    if not group.is_main:
+        return 0  # the probe runs once, on rank 0
     if args.probe_folds and not (resumed and resumed.get("probe")):
         probe = run_probe(nets, args, device)
         if probe:
@@ -509,8 +593,20 @@ def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
     check_args(args, parser)
+    if args.multiprocessing_distributed:
+        return distributed.spawn(_spawned, args, torch.cuda.device_count())
+    return run(args, parser)
+
+
+def _spawned(local_rank, args, nprocs):
+    """One process of --multiprocessing-distributed."""
+    sys.exit(run(distributed.spawned_args(args, local_rank, nprocs), get_parser()))
+
+
+def run(args, parser):
+    """train() in this process's group (several processes) or alone; user errors as one line."""
     try:
-        return train(args)
+        return train(args, distributed.start(args))
     except BadArgument as e:
         parser.error(str(e))
     except (UserError, DataError) as e:
@@ -520,6 +616,8 @@ def main(argv=None):
         print(f"\nerror: interrupted; checkpoints are written whole, so the last one in {args.out} is intact",
               file=sys.stderr)
         return 130
+    finally:
+        distributed.stop()
 
 
 if __name__ == "__main__":
