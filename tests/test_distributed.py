@@ -369,3 +369,37 @@ def test_each_process_draws_its_own_stream_and_rank_zero_keeps_the_seed():
     seeds = [distributed.rank_seed(train.epoch_seed(5, 2), r) for r in range(64)]
     assert seeds[0] == train.epoch_seed(5, 2)
     assert len(set(seeds)) == 64 and all(0 <= s < 2 ** 63 for s in seeds)
+
+
+def test_a_batch_one_process_cannot_read_is_skipped_by_both(tmp_path, capfd):
+    """Image folders: a shard batch left with one readable image cannot train, so no process trains
+    that step (the others would otherwise wait for it in the all_reduce)."""
+    root = tmp_path / "data"
+    for k in range(2):
+        (root / "train" / f"c{k}").mkdir(parents=True)
+        for i in range(6):
+            path = root / "train" / f"c{k}" / f"{i}.png"
+            if i < 4:
+                Image.fromarray(np.full((8, 8, 3), 30 * i + k, dtype=np.uint8)).save(path)
+            else:
+                path.write_bytes(b"not an image")
+
+    def usable(seed):  # which of the epoch's three steps both processes can train, as they will see them
+        shards = []
+        for r in range(WORLD):
+            b = data.FolderBatches(str(root / "train"), 32, 2, "cpu", workers=0, rank=r, world_size=WORLD)
+            b.set_epoch(seed, 0)
+            shards.append([x is not None for x, _ in b])
+        return [all(s) for s in zip(*shards)]
+
+    seed = next(s for s in range(100) if 0 < sum(usable(s)) < 3)  # some steps trained, some skipped
+    trained = sum(usable(seed))
+    capfd.readouterr()
+    argv = TINY + ["--dataset", "folder", "--data", str(root), "-b", "4", "--epochs", "1", "-j", "0",
+                   "--seed", str(seed), "--probe-folds", "0", "--device", "cpu"]
+    code, ranks = spawn(argv, tmp_path / "out")
+    assert code == 0
+    assert len(ranks[0]) == len(ranks[1]) == trained
+    assert utils.load_checkpoint(tmp_path / "out")["history"][0]["steps"] == trained
+    err = capfd.readouterr().err
+    assert f"skipped {3 - trained} steps (non-finite, or too few readable images on a process)" in err
