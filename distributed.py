@@ -144,7 +144,7 @@ class Group:
             # Which parameters a step reaches depends on the flags alone, never on the data, so a
             # gradient missing here is missing on every process: it is sent as zeros and stays None.
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            running = [] if self.sync_bn else [t for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            running = [] if self.sync_bn else [t for m in net.modules() if isinstance(m, nn.BatchNorm2d)
                                                for t in (m.running_mean, m.running_var) if t is not None]
             metrics = [out[k].detach().reshape(1) for k in names] if i == len(parts) - 1 else []
             tensors = grads + running + metrics

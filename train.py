@@ -99,15 +99,16 @@ def get_parser():
     g.add_argument("--sync-bn", action="store_true",
                    help="BatchNorm statistics of the global batch rather than of each process's shard")
     g.add_argument("--world-size", type=int, default=None,
-                   help="processes in all (with --multiprocessing-distributed: machines); default: torchrun's")
+                   help="processes in all (with --multiprocessing-distributed: machines); None: torchrun's "
+                        "WORLD_SIZE, else 1")
     g.add_argument("--rank", type=int, default=None,
                    help="this process's rank (with --multiprocessing-distributed: this machine's); "
-                        "default: torchrun's")
+                        "None: torchrun's RANK, else 0")
     g.add_argument("--dist-url", default="env://",
                    help="where the processes meet: tcp://HOST:PORT of rank 0, or env:// "
                         "(MASTER_ADDR and MASTER_PORT, which torchrun sets)")
     g.add_argument("--dist-backend", default=None, choices=("nccl", "gloo"),
-                   help="default: nccl on CUDA GPUs, gloo on CPUs")
+                   help="None: nccl on CUDA GPUs, gloo on CPUs")
     g.add_argument("--multiprocessing-distributed", action="store_true",
                    help="start one process per CUDA GPU of this machine (torchrun --nproc_per_node does the same)")
     return p
