@@ -391,6 +391,14 @@ def run_probe(nets, args, device):
     return linear_probe(features, labels, n_folds=args.probe_folds, seed=0)
 
 
+@torch.no_grad()
+def save_samples(generator, z, path):
+    """A grid of G's samples in eval mode (no noise; sampling in train mode would add it)."""
+    generator.eval()
+    save_grid(generator(z)[0], path)
+    generator.train()
+
+
 def resume_hint(path):
     return f"continue with the same command and --resume {path}"
 
@@ -460,6 +468,16 @@ def train(args, group):
     # A fixed noise, so that the sample grids of successive epochs are comparable.
     fixed_z = torch.randn(100, cfg.noise_dim, 1, 1, generator=torch.Generator().manual_seed(seed)).to(device)
 
+    def save_inside_epoch(path, epoch, step):
+        """A checkpoint `step` steps into `epoch`: with the epoch's metric sums so far and every
+        process's random state, so that --resume goes on exactly from there."""
+        partial = {**{k: v.item() for k, v in sums.items()}, "skipped": epoch_skipped}
+        rngs = group.rng_states()
+        if group.is_main:
+            save_checkpoint(path, checkpoint_state(args, nets, optimizers, seed, epoch, step, history, partial,
+                                                   skipped=skipped, rngs=rngs))
+        group.barrier()
+
     with Interrupt() as interrupt:
         for epoch in range(start_epoch, args.epochs):
             if partial is None:  # an epoch boundary
@@ -516,12 +534,7 @@ def train(args, group):
                     bar.close()
                     # The bad step was not applied: the networks and optimizers in memory are the last good state.
                     bad_path = os.path.join(args.out, "nonfinite_state.pth.tar")
-                    partial = {**{k: v.item() for k, v in sums.items()}, "skipped": epoch_skipped}
-                    rngs = group.rng_states()
-                    if group.is_main:
-                        save_checkpoint(bad_path, checkpoint_state(args, nets, optimizers, seed, epoch, step - 1,
-                                                                   history, partial, skipped=skipped, rngs=rngs))
-                    group.barrier()
+                    save_inside_epoch(bad_path, epoch, step - 1)
                     raise UserError(f"non-finite {e} at {where}. The state before that step is in {bad_path}, "
                                     f"and {ckpt_path} is untouched: resume from either with lower learning rates, "
                                     f"or allow a few bad steps with --skip-nonfinite N") from None
@@ -533,14 +546,10 @@ def train(args, group):
                 stop = group.agreed_signal(interrupt.signal)  # every process stops at the same step
                 if stop is not None:
                     bar.close()
-                    partial = {**{k: v.item() for k, v in sums.items()}, "skipped": epoch_skipped}
-                    rngs = group.rng_states()
+                    save_inside_epoch(ckpt_path, epoch, step)
                     if group.is_main:
-                        save_checkpoint(ckpt_path, checkpoint_state(args, nets, optimizers, seed, epoch, step,
-                                                                    history, partial, skipped=skipped, rngs=rngs))
                         print(f"saved {ckpt_path} at epoch {epoch + 1}, step {step}; {resume_hint(ckpt_path)}",
                               file=sys.stderr)
-                    group.barrier()
                     return 128 + stop
             bar.close()
             start_step, partial = 0, None
@@ -561,11 +570,8 @@ def train(args, group):
             if group.is_main:
                 print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
                 if args.save_imgs:
-                    nets.generator.eval()
-                    with torch.no_grad():
-                        samples = nets.generator(fixed_z)[0]
-                    nets.generator.train()
-                    save_grid(samples, os.path.join(args.out, "gen_images", f"imgs_epoch{epoch + 1}.png"))
+                    save_samples(nets.generator, fixed_z, os.path.join(args.out, "gen_images",
+                                                                       f"imgs_epoch{epoch + 1}.png"))
                 state = checkpoint_state(args, nets, optimizers, seed, epoch + 1, 0, history, skipped=skipped)
                 save_checkpoint(ckpt_path, state)
                 if args.save_every and (epoch + 1) % args.save_every == 0:
