@@ -134,7 +134,7 @@ def count_flops(step, nets, optimizers, hp, batch, device):
 
 
 def mnist_like_images(n):
-    """n MNIST-shaped uint8 images: the real test digits of ../shared repeated, else random."""
+    """n MNIST-shaped uint8 images: the real test digits of ../shared repeated, else scikit-learn's digits."""
     from data import load_in_memory
     shared = os.path.join(ROOT, "..", "shared", "data")
     try:
