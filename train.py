@@ -586,7 +586,9 @@ def train(args, group):
     group.barrier()  # rank 0's last checkpoint is whole
     if not group.is_main:
         return 0  # the probe runs once, on rank 0
-    if args.probe_folds and not (resumed and resumed.get("probe")):
+    # After training, or when resuming a run that stopped between its last epoch and the probe; a
+    # resumed run that trains more epochs needs a new probe, its old one describes other weights.
+    if args.probe_folds and (start_epoch < args.epochs or not (resumed and resumed.get("probe"))):
         probe = run_probe(nets, args, device)
         if probe:
             print("linear decoding accuracy per layer (test split, %d-fold):" % args.probe_folds)

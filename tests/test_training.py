@@ -272,3 +272,15 @@ def test_amp_bf16_stays_finite_and_close_to_float32(divisive):
         assert all(torch.isfinite(v) and v.dtype == torch.float32 for v in bf16.values())
         for k in compared:
             assert abs(bf16[k].item() - fp32[k].item()) <= 0.05 * abs(fp32[k].item()) + 0.02, k
+
+
+def test_training_more_epochs_on_a_finished_run_probes_again(tmp_path, mnist_root):
+    common = TINY + ["--dataset", "mnist", "--data", mnist_root, "-b", "16", "--seed", "1", "--probe-folds", "2",
+                     "--out", str(tmp_path)]
+    _run(common + ["--epochs", "1"])
+    first = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
+    assert first["probe"] is not None
+    _run(common + ["--epochs", "2", "--resume", str(tmp_path)])
+    second = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
+    assert second["epoch"] == 2
+    assert second["probe"] is not None  # a probe of the new weights, not a stale one dropped
