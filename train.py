@@ -34,7 +34,8 @@ import losses
 from data import DATASETS, DataError, DataMissing, channels_of, make_batches, num_images
 from metrics import format_probe, layer_features, linear_probe
 from models import ModelConfig, Networks
-from utils import (CHECKPOINT_NAME, CheckpointError, UserError, add_bool_flag, check_architecture, load_checkpoint,
+from utils import (CHECKPOINT_NAME, CheckpointError, UserError, add_bool_flag, check_architecture, keep_freed_memory,
+                   load_checkpoint,
                    save_checkpoint, save_grid, write_json, write_metrics_csv)
 
 METRICS = ("loss_d", "loss_f", "loss_g", "loss_r", "d_wake", "d_sleep")
@@ -602,6 +603,7 @@ def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
     check_args(args, parser)
+    keep_freed_memory()
     if args.multiprocessing_distributed:
         return distributed.spawn(_spawned, args, torch.cuda.device_count())
     return run(args, parser)

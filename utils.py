@@ -1,6 +1,7 @@
 """Checkpoints, devices, flags and files shared by train.py and the evaluation scripts."""
 import argparse
 import csv
+import ctypes
 import io
 import json
 import os
@@ -54,6 +55,24 @@ def pick_device(device="auto", gpu=None):
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device} asked for, but this PyTorch sees no CUDA device")
     return torch.device(device)
+
+
+def keep_freed_memory():
+    """Ask glibc to keep freed blocks of up to 32 MB for reuse rather than unmap them.
+
+    A training step frees and reallocates every activation; by default glibc returns blocks
+    over 128 KB to the system and the next step page-faults them back in, zeroed. Keeping
+    them makes a CPU step about 10 % faster (tests/benchmark.py). No effect off glibc."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and other C libraries have no mallopt
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    mallopt(m_mmap_threshold, 32 * 2 ** 20)  # glibc's largest on 64-bit systems
+    mallopt(m_trim_threshold, 2 ** 31 - 1)
 
 
 def _fsync_dir(folder):

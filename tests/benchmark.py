@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train  # noqa: E402
 from data import TensorBatches  # noqa: E402
 from models import ModelConfig, Networks  # noqa: E402
+from utils import keep_freed_memory  # noqa: E402
 
 # The paper's command lines (tests/seed_commands.txt) as step settings.
 SETTINGS = {
@@ -178,6 +179,7 @@ def main():
     p.add_argument("--epoch-images", type=int, default=60000)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
+    keep_freed_memory()  # as train.py does
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if args.device != "all":
