@@ -75,6 +75,13 @@ def minibatch_stddev(h):
     return torch.cat([flat, std.expand(flat.size(0), 1)], dim=1)
 
 
+def _std_and_its_gradient(flat):
+    """The minibatch-std feature of (B, J) features and its gradient d std / d flat, (B, J)."""
+    centered = flat - flat.mean(dim=0, keepdim=True)
+    std = torch.sqrt(centered.pow(2).mean(dim=0) + 1e-8)
+    return std.mean(), centered / (std * (flat.size(0) * flat.size(1)))
+
+
 def _add_noise(h, sigma):
     # sigma is a 0-d buffer; multiplying keeps it on the device (no host sync). The noise is drawn
     # in float32 whatever h is, so bf16 autocast (--amp) draws the same numbers as float32.
@@ -96,7 +103,10 @@ class DeReLU(nn.Module):
         # -scale * E with E ~ Exponential(1) drawn by inversion, E = -log(1 - U): the same law as
         # exponential_() (and log() rather than log1p()), several times faster on CPUs.
         fill = torch.rand_like(h, dtype=torch.float32).neg_().add_(1).log_().mul_(self.scale.view(1, -1, 1, 1))
-        return torch.where(h > 0, h, fill)
+        # where(h > 0, h, fill) in arithmetic, exact for finite h: CPUs run torch.where several times
+        # slower than a multiply. Its gradient is the same mask.
+        keep = (h > 0).to(h.dtype)
+        return torch.addcmul(fill.mul_(1 - keep), h, keep)
 
 
 class Inference(nn.Module):
@@ -176,10 +186,12 @@ class Discriminator(nn.Module):
     One Linear per adjacent pair of layers (each layer flattened + minibatch std),
     640 hidden units in all, noise, LeakyReLU, row-wise N, Linear to one score."""
 
+    slope = 0.01  # of the LeakyReLU
+
     def __init__(self, cfg: ModelConfig, hidden=128, sigma=0.01):
         super().__init__()
-        dims = [c * h * w + 1 for c, h, w in cfg.state_shapes()]
-        self.pairs = nn.ModuleList([nn.Linear(dims[l] + dims[l + 1], hidden) for l in range(5)])
+        self.widths = [c * h * w for c, h, w in cfg.state_shapes()]  # features of each layer, before the std
+        self.pairs = nn.ModuleList([nn.Linear(self.widths[l] + self.widths[l + 1] + 2, hidden) for l in range(5)])
         self.out = nn.Linear(5 * hidden, 1)
         self.divisive_normalization = cfg.divisive_normalization
         self.register_buffer("sigma", torch.tensor(float(sigma)))
@@ -188,12 +200,57 @@ class Discriminator(nn.Module):
         feats = [minibatch_stddev(h) for h in states]
         hidden = torch.cat([pair(torch.cat([feats[l], feats[l + 1]], dim=1))
                             for l, pair in enumerate(self.pairs)], dim=1)  # (B, 640)
-        hidden = F.leaky_relu(_add_noise(hidden, self.sigma), 0.01)
+        return self._head(hidden)[0]
+
+    def _head(self, hidden):
+        a = _add_noise(hidden, self.sigma)
+        r = F.leaky_relu(a, self.slope)
+        n = divisive_norm(r) if self.divisive_normalization else r
+        return self.out(n).squeeze(1), a, r
+
+    def score_and_state_gradients(self, states):
+        """(D(states), d sum_b D(states)_b / d state) for states that are data, not functions of parameters.
+
+        The same values as D(states) and autograd.grad(D(states).sum(), states, create_graph=True), and
+        through both the same gradients w.r.t. D's parameters, but with the state gradients written out
+        as a forward computation: one first-order backward pass then does the work of autograd's
+        double backward with a fraction of its passes over the big (B, features) tensors (the hot
+        spot of a training step). The gradients do not reach the states."""
+        B = states[0].size(0)
+        with torch.no_grad():
+            flats = [h.flatten(1) for h in states]
+            std_and_slope = [_std_and_its_gradient(f) for f in flats]
+            # Every layer's features once, [h0, std0, h1, std1, ...]; pair l reads a window of columns.
+            x = torch.cat([t for f, (std, _) in zip(flats, std_and_slope) for t in (f, std.expand(B, 1))], dim=1)
+        starts = [0]
+        for w in self.widths:
+            starts.append(starts[-1] + w + 1)
+        hidden = torch.cat([pair(x[:, starts[l]:starts[l + 2]]) for l, pair in enumerate(self.pairs)], dim=1)
+        score, a, r = self._head(hidden)
+
+        # d score / d hidden, row by row: back through N (its row-wise Jacobian), then the LeakyReLU.
+        v = self.out.weight  # (1, 640)
         if self.divisive_normalization:
-            hidden = divisive_norm(hidden)
-        return self.out(hidden).squeeze(1)
+            rho = torch.rsqrt(r.pow(2).mean(dim=1, keepdim=True) + 1e-8)
+            g = rho * v - r * (rho.pow(3) * (r * v).mean(dim=1, keepdim=True))
+        else:
+            g = v.expand_as(r)
+        g = g * torch.where(a > 0, 1.0, self.slope).to(g.dtype)
 
-
+        # Back through each pair's Linear into its two layers: [flat l, std l, flat l+1, std l+1].
+        # (split, not slicing: its backward is one concatenation rather than zero-filled copies)
+        into = [[] for _ in states]
+        for l, (g_pair, pair) in enumerate(zip(g.split(self.pairs[0].out_features, dim=1), self.pairs)):
+            flat_lo, std_lo, flat_hi, std_hi = torch.split(
+                g_pair @ pair.weight, [self.widths[l], 1, self.widths[l + 1], 1], dim=1)
+            into[l].append((flat_lo, std_lo))
+            into[l + 1].append((flat_hi, std_hi))
+        grads = []
+        for h, parts, (_, std_slope) in zip(states, into, std_and_slope):
+            flat = sum(p for p, _ in parts).to(h.dtype)
+            through_std = sum(s.sum() for _, s in parts).to(h.dtype)  # the std feature is one value for all rows
+            grads.append(torch.addcmul(flat, through_std, std_slope).view_as(h))
+        return score, grads
 class Readout(nn.Module):
     """R: Inference's h4 -> (B,) image-critic score (used only when gamma < 1)."""
 

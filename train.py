@@ -200,9 +200,9 @@ class NonFiniteError(Exception):
         self.terms = terms
 
 
-def _leaves(states, dtype):
+def _data(states, dtype):
     # In the data's precision (float32 under --amp), so the penalties' gradients and norms are too.
-    return [h.detach().to(dtype).requires_grad_(True) for h in states]
+    return [h.detach().to(dtype) for h in states]
 
 
 def step_losses(nets, x, hp: StepConfig):
@@ -228,9 +228,8 @@ def step_losses(nets, x, hp: StepConfig):
     # --- Sleep: the generator dreams a state from noise.
     z = torch.randn(B, nets.cfg.noise_dim, 1, 1, device=x.device, dtype=x.dtype)
     if hp.gamma > 0:
-        wake_in = _leaves(wake, x.dtype)
-        d_wake = D(wake_in).to(x.dtype)
-        g_wake = losses.state_gradients(d_wake, wake_in)
+        d_wake, g_wake = D.score_and_state_gradients(_data(wake, x.dtype))
+        d_wake = d_wake.to(x.dtype)
         if hp.prioritized_replay:
             # Replay the top layers of the wake samples D found least wake-like.
             worst = d_wake.detach().argsort()[:B // 2]
@@ -240,9 +239,8 @@ def step_losses(nets, x, hp: StepConfig):
 
     if hp.gamma > 0:
         # --- Discriminator: wake states high, sleep states low.
-        sleep_in = _leaves(sleep, x.dtype)
-        d_sleep = D(sleep_in).to(x.dtype)
-        g_sleep = losses.state_gradients(d_sleep, sleep_in)
+        d_sleep, g_sleep = D.score_and_state_gradients(_data(sleep, x.dtype))
+        d_sleep = d_sleep.to(x.dtype)
         loss_d = losses.discriminator_loss(d_wake, d_sleep, losses.l1_gradient_penalty(g_wake),
                                            losses.l1_gradient_penalty(g_sleep), hp.gamma, hp.lamda)
         if hp.scale_by_d:

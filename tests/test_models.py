@@ -47,6 +47,37 @@ def test_divisive_norm_hand_value():
     assert torch.allclose(divisive_norm(rows), torch.tensor([[1.0, 1.0], [0.0, math.sqrt(2)]]), atol=1e-6)
 
 
+@pytest.mark.parametrize("divisive", [False, True])
+def test_written_out_state_gradients_equal_double_backpropagation(divisive):
+    """D.score_and_state_gradients against autograd on D.forward: scores, state gradients, and the
+    gradients w.r.t. D's parameters of a loss that uses both (second order), noise on."""
+    import losses
+    torch.manual_seed(0)
+    nets = Networks(ModelConfig(n_filters=4, noise_dim=6, divisive_normalization=divisive)).double()
+    D = nets.discriminator
+    D.sigma.fill_(0.3)  # large enough that the LeakyReLU's both slopes are in play
+    states = [h.detach() for h in nets.inference(torch.rand(5, 1, 32, 32, dtype=torch.float64) * 2 - 1)]
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0], dtype=torch.float64)
+
+    def loss(scores, grads):
+        return (scores * weights).sum() + 0.7 * losses.l1_gradient_penalty(grads)
+
+    torch.manual_seed(1)
+    leaves = [h.clone().requires_grad_(True) for h in states]
+    ref_scores = D(leaves)
+    ref_grads = losses.state_gradients(ref_scores, leaves)
+    ref_params = torch.autograd.grad(loss(ref_scores, ref_grads), list(D.parameters()))
+    torch.manual_seed(1)
+    scores, grads = D.score_and_state_gradients(states)
+    params = torch.autograd.grad(loss(scores, grads), list(D.parameters()))
+
+    assert torch.allclose(scores, ref_scores, rtol=1e-12, atol=1e-12)
+    for got, want in list(zip(grads, ref_grads)) + list(zip(params, ref_params)):
+        assert got.shape == want.shape
+        assert (got - want).abs().max() <= 1e-9 * want.abs().max()
+        assert want.abs().max() > 0
+
+
 def test_minibatch_stddev_hand_value():
     # Feature 1 takes 0 and 2 (std 1), feature 2 takes 1 and 5 (std 2): mean std 1.5.
     h = torch.tensor([[0.0, 1.0], [2.0, 5.0]])
@@ -62,10 +93,14 @@ def test_derelu_keeps_positives_and_spreads_the_rest():
     m = DeReLU(2, scale=0.5)
     h = torch.zeros(4000, 2, 3, 3)
     h[:, 0] = 1.5
+    h[::2, 1] = -2.0  # not only zeros: every entry <= 0 is replaced
+    h.requires_grad_(True)
     out = m(h)
     assert torch.equal(out[:, 0], h[:, 0])
     rest = out[:, 1]
     assert (rest < 0).all()
+    (grad,) = torch.autograd.grad(out.sum(), h)
+    assert torch.equal(grad, (h > 0).float())  # the replaced entries carry no gradient
     # -0.5 * Exponential(1): mean -0.5, std 0.5.
     assert abs(rest.mean().item() + 0.5) < 0.02
     assert abs(rest.std().item() - 0.5) < 0.02

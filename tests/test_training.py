@@ -114,7 +114,9 @@ def test_fast_step_equals_term_by_term_losses_and_gradients(name):
     assert set(fast_grads) == set(ref_grads)
     for net_name in ref_grads:
         for a, b in zip(fast_grads[net_name], ref_grads[net_name]):
-            assert torch.allclose(a, b, rtol=1e-8, atol=1e-10), net_name
+            # Relative to the tensor's largest entry: D's state gradients are summed in another order
+            # (written out rather than double-backpropagated), which moves near-zero entries by ~1e-10.
+            assert (a - b).abs().max() <= 1e-9 * b.abs().max() + 1e-12, net_name
         total = sum(t.abs().sum() for t in ref_grads[net_name])
         if hp.gamma == 0 and net_name == "discriminator":
             assert total == 0  # gamma = 0 leaves only the WGAN terms
