@@ -16,12 +16,16 @@ def state_gradients(scores, states):
     return torch.autograd.grad(scores.sum(), states, create_graph=True)
 
 
-def l1_gradient_penalty(grads):
-    """P1 = mean_b (||grad_s D(s)_b||_1 - 1), the L1 norm over all state tensors at once.
+def l1_norms(grads):
+    """sum over state tensors of ||grad_b||_1, per sample: (B,)."""
+    return sum(g.flatten(1).abs().sum(dim=1) for g in grads)
+
+
+def l1_gradient_penalty(norms):
+    """P1 = mean_b (||grad_s D(s)_b||_1 - 1) from the per-sample L1 norms over all state tensors.
 
     Taken at the samples themselves (no interpolation) and not squared, as the paper's code."""
-    norm = sum(g.flatten(1).abs().sum(dim=1) for g in grads)
-    return (norm - 1).mean()
+    return (norms - 1).mean()
 
 
 def l2_gradient_penalty(grad):

@@ -209,13 +209,14 @@ class Discriminator(nn.Module):
         return self.out(n).squeeze(1), a, r
 
     def score_and_state_gradients(self, states):
-        """(D(states), d sum_b D(states)_b / d state) for states that are data, not functions of parameters.
+        """D's score of states that are data (not functions of parameters), its gradient w.r.t. them,
+        and that gradient's L1 norm per sample: (score (B,), [d sum_b score_b / d h_l], norms (B,)).
 
-        The same values as D(states) and autograd.grad(D(states).sum(), states, create_graph=True), and
-        through both the same gradients w.r.t. D's parameters, but with the state gradients written out
-        as a forward computation: one first-order backward pass then does the work of autograd's
-        double backward with a fraction of its passes over the big (B, features) tensors (the hot
-        spot of a training step). The gradients do not reach the states."""
+        score and norms carry the same gradients w.r.t. D's parameters as D(states) and the L1 norm of
+        autograd.grad(D(states).sum(), states, create_graph=True) would; the state gradients are
+        detached values. Written out, so that one first-order backward pass does the work of
+        autograd's double backward in a fraction of its passes over the big (B, features) tensors
+        (the hot spot of a training step)."""
         B = states[0].size(0)
         with torch.no_grad():
             flats = [h.flatten(1) for h in states]
@@ -237,20 +238,79 @@ class Discriminator(nn.Module):
             g = v.expand_as(r)
         g = g * torch.where(a > 0, 1.0, self.slope).to(g.dtype)
 
-        # Back through each pair's Linear into its two layers: [flat l, std l, flat l+1, std l+1].
-        # (split, not slicing: its backward is one concatenation rather than zero-filled copies)
-        into = [[] for _ in states]
-        for l, (g_pair, pair) in enumerate(zip(g.split(self.pairs[0].out_features, dim=1), self.pairs)):
-            flat_lo, std_lo, flat_hi, std_hi = torch.split(
-                g_pair @ pair.weight, [self.widths[l], 1, self.widths[l + 1], 1], dim=1)
-            into[l].append((flat_lo, std_lo))
-            into[l + 1].append((flat_hi, std_hi))
+        slopes = tuple(s for _, s in std_and_slope)
+        norms, *grads = _StateGradientL1.apply(g, tuple(self.widths), slopes, *(p.weight for p in self.pairs))
+        return score, [gr.view_as(h) for gr, h in zip(grads, states)], norms
+
+
+class _StateGradientL1(torch.autograd.Function):
+    """From g = d score / d hidden (B, 640) and the pair weights: each layer's state gradient and
+    their summed L1 norm per sample, with a hand-written backward for the norm.
+
+    Layer l's gradient is g_(l-1) W_(l-1)[hi block] + g_l W_l[lo block] (the pairs that read it)
+    plus, through the minibatch-std feature (one value for all rows), c_l * d std_l / d h_l with
+    c_l the summed gradient on the std columns. The backward multiplies sign(gradient) into the
+    weights' column blocks directly: no concatenation, no zero-filled slices, no (B, features)
+    temporaries beyond the sign itself."""
+
+    @staticmethod
+    def _blocks(l, widths):
+        # (pair, first column) of the weight blocks that read layer l: [flat l, std l, flat l+1, std l+1]
+        return ([(l - 1, widths[l - 1] + 1)] if l > 0 else []) + ([(l, 0)] if l < len(widths) - 1 else [])
+
+    @staticmethod
+    def forward(ctx, g, widths, slopes, *weights):
+        # Under autocast (--amp) the matrix products run in its dtype, in the backward pass too.
+        amp = torch.get_autocast_dtype(g.device.type) if torch.is_autocast_enabled(g.device.type) else None
+        g_pairs = g.split(weights[0].size(0), dim=1)
         grads = []
-        for h, parts, (_, std_slope) in zip(states, into, std_and_slope):
-            flat = sum(p for p, _ in parts).to(h.dtype)
-            through_std = sum(s.sum() for _, s in parts).to(h.dtype)  # the std feature is one value for all rows
-            grads.append(torch.addcmul(flat, through_std, std_slope).view_as(h))
-        return score, grads
+        for l, (w, slope) in enumerate(zip(widths, slopes)):
+            flat, c = None, 0
+            for q, col in _StateGradientL1._blocks(l, widths):
+                block = weights[q][:, col:col + w]
+                if flat is None:
+                    flat = (g_pairs[q] @ block).to(slope.dtype)
+                elif amp:
+                    flat += g_pairs[q] @ block
+                else:  # in place: an out-of-place addmm would first copy flat into its result
+                    flat.addmm_(g_pairs[q], block)
+                c = c + (g_pairs[q] @ weights[q][:, col + w]).sum()
+            grads.append(flat.addcmul_(c.to(slope.dtype), slope))
+        norms = sum(gr.abs().sum(dim=1) for gr in grads)
+        ctx.widths, ctx.slopes, ctx.amp = widths, slopes, amp
+        ctx.save_for_backward(g, *weights, *grads)
+        ctx.mark_non_differentiable(*grads)
+        return (norms, *grads)
+
+    @staticmethod
+    def backward(ctx, grad_norms, *_):
+        with torch.autocast(grad_norms.device.type, dtype=ctx.amp or torch.bfloat16, enabled=ctx.amp is not None):
+            return _StateGradientL1._backward(ctx, grad_norms)
+
+    @staticmethod
+    def _backward(ctx, grad_norms):
+        widths, slopes = ctx.widths, ctx.slopes
+        g, *rest = ctx.saved_tensors
+        weights, grads = rest[:len(widths) - 1], rest[len(widths) - 1:]
+        g_pairs = g.split(weights[0].size(0), dim=1)
+        scaled = [grad_norms.unsqueeze(1) * gp for gp in g_pairs]  # row b scaled by d loss / d norm_b
+        d_weights = [torch.empty_like(W) for W in weights]  # every column is written below
+        d_pairs = [torch.zeros_like(gp) for gp in g_pairs]
+        for l, (w, slope, gr) in enumerate(zip(widths, slopes, grads)):
+            sign = gr.sign()
+            # d loss / d c_l: the same for every row's std column
+            through_std = (grad_norms * (sign * slope).sum(dim=1)).sum()
+            for q, col in _StateGradientL1._blocks(l, widths):
+                if ctx.amp:  # (autocast does not apply to out= forms)
+                    d_weights[q][:, col:col + w] = scaled[q].t() @ sign
+                else:
+                    torch.mm(scaled[q].t(), sign, out=d_weights[q][:, col:col + w])
+                d_weights[q][:, col + w] = through_std * g_pairs[q].sum(dim=0)
+                d_pairs[q] += grad_norms.unsqueeze(1) * (sign @ weights[q][:, col:col + w].t())
+                d_pairs[q] += through_std * weights[q][:, col + w]
+        return (torch.cat(d_pairs, dim=1), None, None, *d_weights)
+
+
 class Readout(nn.Module):
     """R: Inference's h4 -> (B,) image-critic score (used only when gamma < 1)."""
 

@@ -49,29 +49,31 @@ def test_divisive_norm_hand_value():
 
 @pytest.mark.parametrize("divisive", [False, True])
 def test_written_out_state_gradients_equal_double_backpropagation(divisive):
-    """D.score_and_state_gradients against autograd on D.forward: scores, state gradients, and the
-    gradients w.r.t. D's parameters of a loss that uses both (second order), noise on."""
+    """D.score_and_state_gradients against autograd on D.forward: scores, state gradients, their L1
+    norms, and the gradients w.r.t. D's parameters of a loss of scores and norms (second order)."""
     import losses
     torch.manual_seed(0)
     nets = Networks(ModelConfig(n_filters=4, noise_dim=6, divisive_normalization=divisive)).double()
     D = nets.discriminator
-    D.sigma.fill_(0.3)  # large enough that the LeakyReLU's both slopes are in play
+    D.sigma.fill_(0.3)  # noise on, large enough that both slopes of the LeakyReLU are in play
     states = [h.detach() for h in nets.inference(torch.rand(5, 1, 32, 32, dtype=torch.float64) * 2 - 1)]
     weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0], dtype=torch.float64)
 
-    def loss(scores, grads):
-        return (scores * weights).sum() + 0.7 * losses.l1_gradient_penalty(grads)
+    def loss(scores, norms):  # unequal weights on the norms reach every row of the hand-written backward
+        return (scores * weights).sum() + 0.7 * (norms * weights.flip(0)).sum()
 
     torch.manual_seed(1)
     leaves = [h.clone().requires_grad_(True) for h in states]
     ref_scores = D(leaves)
     ref_grads = losses.state_gradients(ref_scores, leaves)
-    ref_params = torch.autograd.grad(loss(ref_scores, ref_grads), list(D.parameters()))
+    ref_norms = losses.l1_norms(ref_grads)
+    ref_params = torch.autograd.grad(loss(ref_scores, ref_norms), list(D.parameters()))
     torch.manual_seed(1)
-    scores, grads = D.score_and_state_gradients(states)
-    params = torch.autograd.grad(loss(scores, grads), list(D.parameters()))
+    scores, grads, norms = D.score_and_state_gradients(states)
+    params = torch.autograd.grad(loss(scores, norms), list(D.parameters()))
 
     assert torch.allclose(scores, ref_scores, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(norms, ref_norms, rtol=1e-10, atol=0)
     for got, want in list(zip(grads, ref_grads)) + list(zip(params, ref_params)):
         assert got.shape == want.shape
         assert (got - want).abs().max() <= 1e-9 * want.abs().max()

@@ -40,7 +40,7 @@ def reference_gradients(nets, x, hp, seed):
     sg = lambda states: [h.detach().requires_grad_(True) for h in states]  # noqa: E731
 
     def P1(states):
-        return losses.l1_gradient_penalty(losses.state_gradients(D(states), states))
+        return losses.l1_gradient_penalty(losses.l1_norms(losses.state_gradients(D(states), states)))
 
     if hp.prioritized_replay:
         z[:B // 2] = W[5].detach()[D(sg(W)).detach().argsort()[:B // 2]]
@@ -135,8 +135,8 @@ def test_gradients_reach_only_their_own_networks():
     sgW = [h.detach().requires_grad_(True) for h in W]
     sgS = [h.detach().requires_grad_(True) for h in S]
     d_w, d_s = D(sgW), D(sgS)
-    L_D = losses.discriminator_loss(d_w, d_s, losses.l1_gradient_penalty(losses.state_gradients(d_w, sgW)),
-                                    losses.l1_gradient_penalty(losses.state_gradients(d_s, sgS)), 1.0, hp.lamda)
+    L_D = losses.discriminator_loss(d_w, d_s, losses.l1_gradient_penalty(losses.l1_norms(losses.state_gradients(d_w, sgW))),
+                                    losses.l1_gradient_penalty(losses.l1_norms(losses.state_gradients(d_s, sgS))), 1.0, hp.lamda)
     L_G = losses.generator_prediction_loss(G, W)
     for loss, foreign in ((L_D, _params(F) + _params(G)), (L_G, _params(F) + _params(D))):
         assert all(g is None for g in torch.autograd.grad(loss, foreign, retain_graph=True, allow_unused=True))
