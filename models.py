@@ -79,13 +79,13 @@ def _std_and_its_gradient(flat):
     """The minibatch-std feature of (B, J) features and its gradient d std / d flat, (B, J)."""
     centered = flat - flat.mean(dim=0, keepdim=True)
     std = torch.sqrt(centered.pow(2).mean(dim=0) + 1e-8)
-    return std.mean(), centered / (std * (flat.size(0) * flat.size(1)))
+    return std.mean(), centered.div_(std * (flat.size(0) * flat.size(1)))
 
 
 def _add_noise(h, sigma):
     # sigma is a 0-d buffer; multiplying keeps it on the device (no host sync). The noise is drawn
     # in float32 whatever h is, so bf16 autocast (--amp) draws the same numbers as float32.
-    return h + torch.randn_like(h, dtype=torch.float32).mul_(sigma)
+    return torch.addcmul(h, torch.randn_like(h, dtype=torch.float32), sigma)  # one pass; h + noise * sigma takes two
 
 
 class DeReLU(nn.Module):
@@ -220,9 +220,9 @@ class Discriminator(nn.Module):
         B = states[0].size(0)
         with torch.no_grad():
             flats = [h.flatten(1) for h in states]
-            std_and_slope = [_std_and_its_gradient(f) for f in flats]
+            stds, slopes = zip(*(_std_and_its_gradient(f) for f in flats))
             # Every layer's features once, [h0, std0, h1, std1, ...]; pair l reads a window of columns.
-            x = torch.cat([t for f, (std, _) in zip(flats, std_and_slope) for t in (f, std.expand(B, 1))], dim=1)
+            x = torch.cat([t for f, std in zip(flats, stds) for t in (f, std.expand(B, 1))], dim=1)
         starts = [0]
         for w in self.widths:
             starts.append(starts[-1] + w + 1)
@@ -238,9 +238,25 @@ class Discriminator(nn.Module):
             g = v.expand_as(r)
         g = g * torch.where(a > 0, 1.0, self.slope).to(g.dtype)
 
-        slopes = tuple(s for _, s in std_and_slope)
         norms, *grads = _StateGradientL1.apply(g, tuple(self.widths), slopes, *(p.weight for p in self.pairs))
         return score, [gr.view_as(h) for gr, h in zip(grads, states)], norms
+
+
+def _autocast_dtype(device_type):
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def _autocast(device_type, dtype):
+    """The forward pass's autocast state again, for a hand-written backward (which runs outside it)."""
+    return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def _mm_into(out, a, b):
+    """out[...] = a @ b, written straight into out (a view) where autocast, which has no out= forms, is off."""
+    if torch.is_autocast_enabled(out.device.type):
+        out.copy_(a @ b)
+    else:
+        torch.mm(a, b, out=out)
 
 
 class _StateGradientL1(torch.autograd.Function):
@@ -261,7 +277,7 @@ class _StateGradientL1(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g, widths, slopes, *weights):
         # Under autocast (--amp) the matrix products run in its dtype, in the backward pass too.
-        amp = torch.get_autocast_dtype(g.device.type) if torch.is_autocast_enabled(g.device.type) else None
+        amp = _autocast_dtype(g.device.type)
         g_pairs = g.split(weights[0].size(0), dim=1)
         grads = []
         for l, (w, slope) in enumerate(zip(widths, slopes)):
@@ -284,7 +300,7 @@ class _StateGradientL1(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_norms, *_):
-        with torch.autocast(grad_norms.device.type, dtype=ctx.amp or torch.bfloat16, enabled=ctx.amp is not None):
+        with _autocast(grad_norms.device.type, ctx.amp):
             return _StateGradientL1._backward(ctx, grad_norms)
 
     @staticmethod
@@ -301,10 +317,7 @@ class _StateGradientL1(torch.autograd.Function):
             # d loss / d c_l: the same for every row's std column
             through_std = (grad_norms * (sign * slope).sum(dim=1)).sum()
             for q, col in _StateGradientL1._blocks(l, widths):
-                if ctx.amp:  # (autocast does not apply to out= forms)
-                    d_weights[q][:, col:col + w] = scaled[q].t() @ sign
-                else:
-                    torch.mm(scaled[q].t(), sign, out=d_weights[q][:, col:col + w])
+                _mm_into(d_weights[q][:, col:col + w], scaled[q].t(), sign)
                 d_weights[q][:, col + w] = through_std * g_pairs[q].sum(dim=0)
                 d_pairs[q] += grad_norms.unsqueeze(1) * (sign @ weights[q][:, col:col + w].t())
                 d_pairs[q] += through_std * weights[q][:, col + w]
