@@ -122,6 +122,8 @@ class _FlopCount(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         count = flop_registry.get(func._overloadpacket)
+        if count is None and func._overloadpacket.__name__.endswith("_"):  # in place: addmm_ counts as addmm
+            count = flop_registry.get(getattr(torch.ops.aten, func._overloadpacket.__name__[:-1], None))
         if count is not None:
             self.flops += count(*args, **kwargs, out_val=out)
         return out
