@@ -12,7 +12,9 @@ def state_gradients(scores, states):
     """d(sum_b scores_b)/d(state) for each state tensor, keeping the graph for a penalty.
 
     Summing over the batch is right even though the minibatch-std feature couples
-    samples: the gradient of the mean score is this divided by B."""
+    samples: the gradient of the mean score is this divided by B. The training step has these
+    (and their L1 norms) written out by Discriminator.score_and_state_gradients; this autograd
+    form is the definition the tests hold that to."""
     return torch.autograd.grad(scores.sum(), states, create_graph=True)
 
 
