@@ -66,19 +66,23 @@ def divisive_norm(h, eps=1e-8):
     return h * torch.rsqrt(h.pow(2).mean(dim=1, keepdim=True) + eps)
 
 
+def _centered_and_std(flat):
+    """(B, J) -> (flat minus its batch mean, each feature's batch std), the variance biased."""
+    # The variance written out: torch.var over the batch axis is several times slower on CPUs.
+    centered = flat - flat.mean(dim=0, keepdim=True)
+    return centered, torch.sqrt(centered.pow(2).mean(dim=0) + 1e-8)
+
+
 def minibatch_stddev(h):
     """(B, ...) -> (B, F+1): flatten and append the mean over features of the batch std (ProGAN)."""
     flat = h.flatten(1)
-    # The biased variance written out: torch.var over the batch axis is several times slower on CPUs.
-    centered = flat - flat.mean(dim=0, keepdim=True)
-    std = torch.sqrt(centered.pow(2).mean(dim=0) + 1e-8).mean()
+    std = _centered_and_std(flat)[1].mean()
     return torch.cat([flat, std.expand(flat.size(0), 1)], dim=1)
 
 
 def _std_and_its_gradient(flat):
     """The minibatch-std feature of (B, J) features and its gradient d std / d flat, (B, J)."""
-    centered = flat - flat.mean(dim=0, keepdim=True)
-    std = torch.sqrt(centered.pow(2).mean(dim=0) + 1e-8)
+    centered, std = _centered_and_std(flat)
     return std.mean(), centered.div_(std * (flat.size(0) * flat.size(1)))
 
 

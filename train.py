@@ -305,8 +305,8 @@ def training_step(nets, optimizers, x, hp: StepConfig, check_finite=True, averag
     if average is not None:
         out = average(nets, out)
 
-    # One pass over each network's gradients finds its largest entry: clipping needs it, and it
-    # is NaN or inf exactly when some entry is, so it also serves the finiteness check.
+    # Each network's largest gradient entry: clipping needs it, and it is NaN or inf exactly when
+    # some entry is, so it also serves the finiteness check.
     grads = {name: [p.grad for p in net.parameters() if p.grad is not None] for name, net in nets.parts().items()}
     norms = {name: _inf_norm(g) for name, g in grads.items() if g}
     if check_finite:  # one host sync per step
