@@ -54,6 +54,9 @@ def pick_device(device="auto", gpu=None):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device} asked for, but this PyTorch sees no CUDA device")
+    if device.startswith("cuda"):
+        # Every batch of a run has one shape: let cuDNN time its convolution kernels once and keep the fastest.
+        torch.backends.cudnn.benchmark = True
     return torch.device(device)
 
 
@@ -108,8 +111,19 @@ def write_atomically(path, write):
     _fsync_dir(folder)
 
 
+def _on_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_on_cpu(v) for v in obj)
+    return obj
+
+
 def save_checkpoint(path, state):
-    state = {"format": FORMAT, "format_version": FORMAT_VERSION, **state}
+    # Tensors go to the CPU, so that a checkpoint written on a GPU loads on a machine without one.
+    state = {"format": FORMAT, "format_version": FORMAT_VERSION, **_on_cpu(state)}
     write_atomically(path, lambda f: torch.save(state, f))
 
 

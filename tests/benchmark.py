@@ -12,6 +12,7 @@ on any machine. `--baseline` also times the plain term-by-term evaluation of SPE
 (each loss with its own forward passes, as the original release computes them).
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -31,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train  # noqa: E402
 from data import TensorBatches  # noqa: E402
 from models import ModelConfig, Networks  # noqa: E402
-from utils import keep_freed_memory  # noqa: E402
+from utils import keep_freed_memory, pick_device  # noqa: E402
 
 # The paper's command lines (tests/seed_commands.txt) as step settings.
 SETTINGS = {
@@ -67,13 +68,15 @@ def matmul_rate(device, n=2048, reps=10):
     return 2 * n ** 3 / best
 
 
-def build(name, device):
+def build(name, device, prepare=None):
     s = SETTINGS[name]
     args = train.get_parser().parse_args(s["argv"] + ["--divisive-normalization", "True", "-b", str(s["batch"])])
     cfg = ModelConfig(image_size=32, channels=s["channels"], n_filters=s["n_filters"], noise_dim=s["noise_dim"],
                       divisive_normalization=True, readout=args.gamma < 1)
     torch.manual_seed(0)
     nets = Networks(cfg).to(device)
+    if prepare is not None:
+        nets = prepare(nets)
     return nets, train.make_optimizers(nets, args), train.StepConfig.from_args(args), s["batch"]
 
 
@@ -83,6 +86,33 @@ def fast_step(nets, optimizers, x, hp):
 
 def amp_step(nets, optimizers, x, hp):
     train.training_step(nets, optimizers, x, dataclasses.replace(hp, amp=True))
+
+
+def unchecked_step(nets, optimizers, x, hp):
+    # Without the finiteness check's one host synchronization per step: what that check costs.
+    train.training_step(nets, optimizers, x, hp, check_finite=False)
+
+
+@contextlib.contextmanager
+def cuda_flags(**flags):
+    """Set torch.backends flags ("matmul.allow_tf32", "cudnn.benchmark") for one measurement."""
+    backends = {"matmul": torch.backends.cuda.matmul, "cudnn": torch.backends.cudnn}
+    where = {name: (backends[name.split(".")[0]], name.split(".")[1]) for name in flags}
+    saved = {name: getattr(obj, attr) for name, (obj, attr) in where.items()}
+    for name, (obj, attr) in where.items():
+        setattr(obj, attr, flags[name])
+    try:
+        yield
+    finally:
+        for name, (obj, attr) in where.items():
+            setattr(obj, attr, saved[name])
+
+
+def compiled(nets):
+    # F and G only: D's written-out gradient is a custom autograd.Function that compile would break around.
+    nets.inference.compile()
+    nets.generator.compile()
+    return nets
 
 
 def baseline_step(nets, optimizers, x, hp):
@@ -178,6 +208,7 @@ def main():
     p.add_argument("--steps", type=int, default=10, help="timed steps per setting (median reported)")
     p.add_argument("--baseline", action="store_true", help="also time the term-by-term evaluation")
     p.add_argument("--epoch", action="store_true", help="also time a whole MNIST epoch with data")
+    p.add_argument("--compile", action="store_true", help="also time the step with F and G under torch.compile")
     p.add_argument("--epoch-images", type=int, default=60000)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
@@ -189,24 +220,33 @@ def main():
     report = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
               "cpu_threads": torch.get_num_threads(), "devices": {}, "results": []}
     for dev in devices:
-        device = torch.device(dev)
+        device = pick_device(dev)  # as train.py picks it (cuDNN autotuning on CUDA)
         name = torch.cuda.get_device_name(device) if dev == "cuda" else platform.processor() or "cpu"
         rate = matmul_rate(device)
         report["devices"][dev] = {"name": name, "matmul_tflops": rate / 1e12}
         print(f"{dev} ({name}): float32 matmul {rate / 1e9:.1f} GFLOP/s")
-        kinds = [("fast", fast_step), ("fast+amp", amp_step)]
+        # (name, step, backend flags, what to do to the networks first)
+        kinds = [("fast", fast_step, {}, None), ("fast+amp", amp_step, {}, None)]
+        if dev == "cuda":
+            kinds += [("fast+tf32", fast_step, {"matmul.allow_tf32": True, "cudnn.allow_tf32": True}, None),
+                      ("fast, unchecked", unchecked_step, {}, None),
+                      ("fast, no cudnn autotune", fast_step, {"cudnn.benchmark": False}, None)]
+        if args.compile:
+            kinds.append(("fast+compile", fast_step, {}, compiled))
         if args.baseline:
-            kinds.append(("baseline", baseline_step))
+            kinds.append(("baseline", baseline_step, {}, None))
         for setting in args.settings:
-            for kind, step in kinds:
-                nets, optimizers, hp, batch = build(setting, device)
-                flops = count_flops(step, nets, optimizers, hp, batch, device)
-                seconds = time_steps(step, nets, optimizers, hp, batch, device, args.steps)
+            for kind, step, flags, prepare in kinds:
+                with cuda_flags(**flags):
+                    nets, optimizers, hp, batch = build(setting, device, prepare)
+                    if prepare is None:  # the same mathematics as "fast" otherwise: its count
+                        flops = count_flops(step, nets, optimizers, hp, batch, device)
+                    seconds = time_steps(step, nets, optimizers, hp, batch, device, args.steps)
                 row = {"setting": setting, "step": kind, "device": dev, "batch": batch,
                        "ms_per_step": 1e3 * seconds, "steps_per_s": 1 / seconds,
                        "gflop_per_step": flops / 1e9, "fraction_of_matmul_rate": flops / seconds / rate}
                 report["results"].append(row)
-                print(f"  {setting:13s} {kind:8s} {row['ms_per_step']:8.1f} ms/step {row['steps_per_s']:6.2f} "
+                print(f"  {setting:13s} {kind:24s} {row['ms_per_step']:8.1f} ms/step {row['steps_per_s']:6.2f} "
                       f"steps/s {row['gflop_per_step']:7.2f} GFLOP {100 * row['fraction_of_matmul_rate']:5.1f}% "
                       f"of matmul")
         if args.epoch:

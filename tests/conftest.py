@@ -6,9 +6,14 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+# Tests that mean something on a GPU run on every device this machine has; CUDA shows as skipped elsewhere.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="no CUDA device"))]
 
 # A network small enough that a step takes milliseconds on a CPU.
 TINY = ["--n-filters", "4", "--noise-dim", "8", "--image-size", "32"]

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from conftest import DEVICES
 from models import DeReLU, ModelConfig, Networks, divisive_norm, minibatch_stddev
 
 
@@ -47,17 +48,19 @@ def test_divisive_norm_hand_value():
     assert torch.allclose(divisive_norm(rows), torch.tensor([[1.0, 1.0], [0.0, math.sqrt(2)]]), atol=1e-6)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("divisive", [False, True])
-def test_written_out_state_gradients_equal_double_backpropagation(divisive):
+def test_written_out_state_gradients_equal_double_backpropagation(divisive, device):
     """D.score_and_state_gradients against autograd on D.forward: scores, state gradients, their L1
     norms, and the gradients w.r.t. D's parameters of a loss of scores and norms (second order)."""
     import losses
     torch.manual_seed(0)
-    nets = Networks(ModelConfig(n_filters=4, noise_dim=6, divisive_normalization=divisive)).double()
+    nets = Networks(ModelConfig(n_filters=4, noise_dim=6, divisive_normalization=divisive)).double().to(device)
     D = nets.discriminator
     D.sigma.fill_(0.3)  # noise on, large enough that both slopes of the LeakyReLU are in play
-    states = [h.detach() for h in nets.inference(torch.rand(5, 1, 32, 32, dtype=torch.float64) * 2 - 1)]
-    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0], dtype=torch.float64)
+    x = torch.rand(5, 1, 32, 32, dtype=torch.float64, device=device) * 2 - 1
+    states = [h.detach() for h in nets.inference(x)]
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0], dtype=torch.float64, device=device)
 
     def loss(scores, norms):  # unequal weights on the norms reach every row of the hand-written backward
         return (scores * weights).sum() + 0.7 * (norms * weights.flip(0)).sum()

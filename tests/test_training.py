@@ -10,7 +10,7 @@ import torch
 
 import losses
 import train
-from conftest import TINY, write_cifar10, write_mnist
+from conftest import DEVICES, TINY, write_cifar10, write_mnist
 from models import ModelConfig, Networks
 
 
@@ -59,7 +59,7 @@ def reference_gradients(nets, x, hp, seed):
     if hp.scale_by_d:
         per_sample = per_sample * 2 * torch.sigmoid(-D(sg(W)).detach())
     L_G = g * per_sample.mean()
-    L_R = torch.zeros(())
+    L_R = x.new_zeros(())
     if R is not None:
         def critic(u):
             return R(F(u, to_layer=4)[4])
@@ -101,12 +101,13 @@ SETTINGS = {
 }
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(SETTINGS))
-def test_fast_step_equals_term_by_term_losses_and_gradients(name):
+def test_fast_step_equals_term_by_term_losses_and_gradients(name, device):
     hp = SETTINGS[name]
     # In float64 the two orders of summation agree to ~1e-12, so a real difference cannot hide.
-    nets = _quiet_nets(readout=hp.gamma < 1, dtype=torch.float64)
-    x = torch.rand(6, 1, 32, 32, dtype=torch.float64) * 2 - 1
+    nets = _quiet_nets(readout=hp.gamma < 1, dtype=torch.float64).to(device)
+    x = torch.rand(6, 1, 32, 32, dtype=torch.float64, device=device) * 2 - 1
     ref_grads, ref_losses = reference_gradients(copy.deepcopy(nets), x, hp, seed=3)
     fast_grads, fast_out = fast_gradients(copy.deepcopy(nets), x, hp, seed=3)
     for k, v in ref_losses.items():
@@ -192,8 +193,9 @@ def _read_metrics(folder):
 
 
 def test_checkpoint_loads_with_weights_only_and_resume_matches_uninterrupted(tmp_path, mnist_root):
+    # --device cpu: compared to the bit, which CUDA's autotuned kernels and atomic additions do not promise.
     common = TINY + ["--dataset", "mnist", "--data", mnist_root, "-b", "16", "--seed", "5", "--probe-folds", "0",
-                     "--gamma", "0.9", "--lr-decay", "1"]
+                     "--gamma", "0.9", "--lr-decay", "1", "--device", "cpu"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     _run(common + ["--epochs", "2", "--out", str(straight)])
     _run(common + ["--epochs", "1", "--out", str(split)])
@@ -212,6 +214,23 @@ def test_checkpoint_loads_with_weights_only_and_resume_matches_uninterrupted(tmp
     assert a["history"][1]["loss_g"] == b["history"][1]["loss_g"]
     assert a["history"][1]["sigma"] == pytest.approx(0.001)  # the noise schedule resumed too
     assert len(_read_metrics(split)) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_a_run_on_cuda_resumes_and_its_checkpoint_loads_without_a_gpu(tmp_path, mnist_root):
+    from utils import networks_from_checkpoint
+    common = TINY + ["--dataset", "mnist", "--data", mnist_root, "-b", "16", "--seed", "5", "--probe-folds", "2",
+                     "--gamma", "0.9", "--device", "cuda", "--out", str(tmp_path)]
+    _run(common + ["--epochs", "1"])
+    _run(common + ["--epochs", "2", "--resume", str(tmp_path / "checkpoint.pth.tar")])
+    state = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)  # no map_location
+    assert state["epoch"] == 2 and len(_read_metrics(tmp_path)) == 2
+    on = {t.device.type for t in state["networks"].values()}
+    on |= {t.device.type for opt in state["optimizers"].values() for s in opt["state"].values() for t in s.values()}
+    assert on == {"cpu"}
+    nets = networks_from_checkpoint(state)
+    wake = nets.inference(torch.rand(4, 1, 32, 32) * 2 - 1)
+    assert all(torch.isfinite(h).all() for h in wake)
 
 
 @pytest.fixture(scope="module")
@@ -251,8 +270,9 @@ def test_help_lists_every_flag(capsys):
             assert flag in text, flag
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("divisive", [False, True])
-def test_amp_bf16_stays_finite_and_close_to_float32(divisive):
+def test_amp_bf16_stays_finite_and_close_to_float32(divisive, device):
     """--amp: bf16 autocast of the forward passes; over a few steps the losses track float32's.
 
     Noise is drawn in float32 either way, so both runs sample the same states. With divisive
@@ -261,11 +281,13 @@ def test_amp_bf16_stays_finite_and_close_to_float32(divisive):
     only required to be finite."""
     from conftest import class_images
     data = torch.from_numpy(class_images((torch.arange(32) % 10).numpy(), 32, 1, seed=1)).float() / 127.5 - 1
+    data = data.to(device)
     hp = train.StepConfig(gamma=0.9, lamda=0.7, lamda2=7, kl_from_sn=True)
     runs = {}
     for amp in (False, True):
         torch.manual_seed(0)
-        nets = Networks(ModelConfig(n_filters=8, noise_dim=8, divisive_normalization=divisive, readout=True))
+        nets = Networks(ModelConfig(n_filters=8, noise_dim=8, divisive_normalization=divisive,
+                                    readout=True)).to(device)
         optimizers = train.make_optimizers(nets, train.get_parser().parse_args([]))
         runs[amp] = [train.training_step(nets, optimizers, data, dataclasses.replace(hp, amp=amp)) for _ in range(4)]
         assert all(p.dtype == torch.float32 for p in nets.parameters())
