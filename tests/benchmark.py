@@ -29,6 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import models  # noqa: E402
 import train  # noqa: E402
 from data import TensorBatches  # noqa: E402
 from models import ModelConfig, Networks  # noqa: E402
@@ -53,16 +54,16 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def matmul_rate(device, n=2048, reps=10):
-    """Dense float32 matmul FLOP/s of this device (best of reps)."""
+def matmul_rate(device, product, n=2048, reps=10):
+    """Dense float32 matmul FLOP/s of this device through `product(a, b)` (best of reps)."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     for _ in range(3):
-        a @ b
+        product(a, b)
     best = float("inf")
     for _ in range(reps):
         sync(device)
         t = time.perf_counter()
-        a @ b
+        product(a, b)
         sync(device)
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best
@@ -138,6 +139,11 @@ def time_steps(step, nets, optimizers, hp, batch, device, steps, warmup=3):
     return statistics.median(times)
 
 
+def _onednn_linear_flops(x, w, *args, out_val=None, **kwargs):
+    # mkldnn._linear_pointwise(X (M, K), [other,] W (N, K), ...): models._mm's CPU products
+    return 2 * x.size(0) * x.size(1) * out_val.size(1)
+
+
 class _FlopCount(TorchDispatchMode):
     """Adds up the FLOPs of every matmul and convolution that runs, backward passes included.
 
@@ -152,6 +158,8 @@ class _FlopCount(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         count = flop_registry.get(func._overloadpacket)
+        if func._overloadpacket is getattr(torch.ops.mkldnn, "_linear_pointwise", None):
+            count = _onednn_linear_flops
         if count is None and func._overloadpacket.__name__.endswith("_"):  # in place: addmm_ counts as addmm
             count = flop_registry.get(getattr(torch.ops.aten, func._overloadpacket.__name__[:-1], None))
         if count is not None:
@@ -222,9 +230,10 @@ def main():
     for dev in devices:
         device = pick_device(dev)  # as train.py picks it (cuDNN autotuning on CUDA)
         name = torch.cuda.get_device_name(device) if dev == "cuda" else platform.processor() or "cpu"
-        rate = matmul_rate(device)
-        report["devices"][dev] = {"name": name, "matmul_tflops": rate / 1e12}
-        print(f"{dev} ({name}): float32 matmul {rate / 1e9:.1f} GFLOP/s")
+        # The step's own matrix products (models._mm: oneDNN on CPUs) set the rate; torch.mm's for comparison.
+        rate, mm_rate = matmul_rate(device, models._mm), matmul_rate(device, torch.mm)
+        report["devices"][dev] = {"name": name, "matmul_tflops": rate / 1e12, "torch_mm_tflops": mm_rate / 1e12}
+        print(f"{dev} ({name}): float32 matmul {rate / 1e9:.1f} GFLOP/s (torch.mm {mm_rate / 1e9:.1f})")
         # (name, step, backend flags, what to do to the networks first)
         kinds = [("fast", fast_step, {}, None), ("fast+amp", amp_step, {}, None)]
         if dev == "cuda":

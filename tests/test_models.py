@@ -48,19 +48,24 @@ def test_divisive_norm_hand_value():
     assert torch.allclose(divisive_norm(rows), torch.tensor([[1.0, 1.0], [0.0, math.sqrt(2)]]), atol=1e-6)
 
 
+# float64: the arithmetic to rounding; float32: the fast matrix products (oneDNN on CPUs) too.
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5}
+
+
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("divisive", [False, True])
-def test_written_out_state_gradients_equal_double_backpropagation(divisive, device):
+def test_written_out_state_gradients_equal_double_backpropagation(divisive, dtype, device):
     """D.score_and_state_gradients against autograd on D.forward: scores, state gradients, their L1
     norms, and the gradients w.r.t. D's parameters of a loss of scores and norms (second order)."""
     import losses
     torch.manual_seed(0)
-    nets = Networks(ModelConfig(n_filters=4, noise_dim=6, divisive_normalization=divisive)).double().to(device)
+    nets = Networks(ModelConfig(n_filters=4, noise_dim=6, divisive_normalization=divisive)).to(device, dtype)
     D = nets.discriminator
     D.sigma.fill_(0.3)  # noise on, large enough that both slopes of the LeakyReLU are in play
-    x = torch.rand(5, 1, 32, 32, dtype=torch.float64, device=device) * 2 - 1
+    x = torch.rand(5, 1, 32, 32, dtype=dtype, device=device) * 2 - 1
     states = [h.detach() for h in nets.inference(x)]
-    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0], dtype=torch.float64, device=device)
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0], dtype=dtype, device=device)
 
     def loss(scores, norms):  # unequal weights on the norms reach every row of the hand-written backward
         return (scores * weights).sum() + 0.7 * (norms * weights.flip(0)).sum()
@@ -75,11 +80,12 @@ def test_written_out_state_gradients_equal_double_backpropagation(divisive, devi
     scores, grads, norms = D.score_and_state_gradients(states)
     params = torch.autograd.grad(loss(scores, norms), list(D.parameters()))
 
-    assert torch.allclose(scores, ref_scores, rtol=1e-12, atol=1e-12)
-    assert torch.allclose(norms, ref_norms, rtol=1e-10, atol=0)
+    tol = TOLERANCE[dtype]
+    assert torch.allclose(scores, ref_scores, rtol=tol, atol=tol)
+    assert torch.allclose(norms, ref_norms, rtol=tol, atol=0)
     for got, want in list(zip(grads, ref_grads)) + list(zip(params, ref_params)):
         assert got.shape == want.shape
-        assert (got - want).abs().max() <= 1e-9 * want.abs().max()
+        assert (got - want).abs().max() <= tol * want.abs().max()
         assert want.abs().max() > 0
 
 
@@ -158,3 +164,16 @@ def test_initialization_and_optional_parts():
     assert all(hasattr(c, "parametrizations") for c in sn.inference.convs)
     assert hasattr(sn.readout.linear, "parametrizations")
     assert not hasattr(sn.generator.convs[0], "parametrizations")
+
+
+def test_fast_matrix_product_equals_torch_mm_for_every_layout():
+    """models._mm (oneDNN for float32 on CPUs) on dense, transposed and strided operands."""
+    from models import _mm
+    torch.manual_seed(0)
+    a, b, wide = torch.randn(40, 70), torch.randn(70, 30), torch.randn(40, 100)
+    cases = {"dense": (a, b), "a transposed": (a.t().contiguous().t(), b), "b transposed": (a, b.t().contiguous().t()),
+             "a column slice": (wide[:, 10:80], b), "float64": (a.double(), b.double())}
+    for name, (x, y) in cases.items():
+        got = _mm(x, y)
+        assert got.dtype == x.dtype, name
+        assert torch.allclose(got.double(), x.double() @ y.double(), rtol=1e-5, atol=1e-5), name
