@@ -16,6 +16,7 @@ Readout discriminator scores Inference's h4 and turns Inference into an image cr
 when gamma < 1. Every network takes its sizes as constructor arguments, so
 `Networks(ModelConfig(...))` is all a script or a test needs.
 """
+import platform
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -253,6 +254,9 @@ def _autocast(device_type, dtype):
 
 
 def _onednn_matmul_available():
+    # Measured on x86-64 only (tests/benchmark.py); elsewhere torch.mm's own BLAS is kept.
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
     try:
         return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._linear_pointwise is not None
     except (AttributeError, RuntimeError):
