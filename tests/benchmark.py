@@ -5,11 +5,13 @@
     python tests/benchmark.py --baseline --epoch            # + the term-by-term step, + a whole epoch
 
 For each of the paper's settings it reports the median time of a training step after warm-up
-(float32, and bf16 autocast as with train.py --amp),
-the step's floating-point operations (counted by torch.utils.flop_counter) and the fraction of
+(float32, and bf16 autocast as with train.py --amp; on CUDA also with TF32 matmuls, without the
+finiteness check's host synchronization, and without cuDNN's autotuning), the step's
+floating-point operations (counted by torch.utils.flop_counter's formulas) and the fraction of
 this machine's dense float32 matrix-multiply rate they achieve, so that a figure means something
 on any machine. `--baseline` also times the plain term-by-term evaluation of SPEC.md's losses
-(each loss with its own forward passes, as the original release computes them).
+(each loss with its own forward passes, as the original release computes them); `--compile`
+the step with the inference and generator networks under torch.compile.
 """
 import argparse
 import contextlib
