@@ -226,9 +226,8 @@ class Discriminator(nn.Module):
         with torch.no_grad():
             flats = [h.reshape(B, -1).contiguous() for h in states]
             stds, slopes = zip(*(_std_and_its_gradient(f) for f in flats))
-        n = len(self.pairs)
-        blocks = _LayerBlocks.apply(tuple(self.widths), *(p.weight for p in self.pairs))
-        hidden = _PairLayers.apply(flats, stds, *blocks, *(p.bias for p in self.pairs))
+        blocks_and_std_weights = _LayerBlocks.apply(tuple(self.widths), *(p.weight for p in self.pairs))
+        hidden = _PairLayers.apply(flats, stds, *blocks_and_std_weights, *(p.bias for p in self.pairs))
         score, a, r = self._head(hidden)
 
         # d score / d hidden, row by row: back through N (its row-wise Jacobian), then the LeakyReLU.
@@ -240,7 +239,7 @@ class Discriminator(nn.Module):
             g = v.expand_as(r)
         g = g * torch.where(a > 0, 1.0, self.slope).to(g.dtype)
 
-        norms, *grads = _StateGradientL1.apply(g, slopes, *blocks[:n + 1], *blocks[n + 1:])
+        norms, *grads = _StateGradientL1.apply(g, slopes, *blocks_and_std_weights)
         return score, [gr.view_as(h) for gr, h in zip(grads, states)], norms
 
 
