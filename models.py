@@ -316,8 +316,8 @@ class _LayerBlocks(torch.autograd.Function):
         n_layers = len(widths)
         d_blocks, d_std = grads[:n_layers], grads[n_layers:]
         d_weights = [d_blocks[0].new_empty(shape) for shape in ctx.shapes]  # every column is written below
+        H = d_weights[0].size(0)
         for l, w in enumerate(widths):
-            H = d_weights[0].size(0)
             for i, q in enumerate(_readers(l, n_layers)):
                 c = _columns(q, l, widths)
                 d_weights[q][:, c:c + w] = d_blocks[l][i * H:(i + 1) * H]
