@@ -6,8 +6,9 @@
 Every process holds the same networks and trains them on its shard of each global batch
 (`--batch-size` is the global batch). After the step's one backward pass, each network's gradients
 are averaged over the processes by one all_reduce of a flat bucket, before clipping, the finiteness
-check and Adam; so every process makes the same decisions and takes the same Adam step, and the
-parameters stay identical without ever being sent again. DistributedDataParallel is not used: it
+check and Adam (in the alternating order of updates, as each phase's backward pass ends); so every
+process makes the same decisions and takes the same Adam step, and the parameters stay identical
+without ever being sent again. DistributedDataParallel is not used: it
 averages inside backward through hooks that expect one forward and one backward pass per step, and
 it does not support torch.autograd.grad, with which the gradient penalties differentiate D and R
 with respect to their inputs (double back-propagation).
@@ -132,13 +133,14 @@ class Group:
             for t in module.state_dict().values():  # views of the parameters and buffers themselves
                 dist.broadcast(t, src=0)
 
-    def average(self, nets, out):
-        """training_step's hook, right after the backward pass: every network's gradients, its
-        BatchNorm running statistics (unless --sync-bn keeps them equal already) and the step's
-        metrics become their means over the processes, one all_reduce per network. Returns the
-        metrics, now those of the global batch (each process's shard is equally large)."""
-        names = list(out)
-        parts = list(nets.parts().values())
+    def average(self, nets, out, names):
+        """training_step's hook, after the backward pass of a phase: the gradients of the networks
+        `names`, their BatchNorm running statistics (unless --sync-bn keeps them equal already) and
+        the metrics `out` (a dict, possibly empty) become their means over the processes, one
+        all_reduce per network. Returns the metrics, now those of the global batch (each process's
+        shard is equally large)."""
+        parts = [nets.parts()[n] for n in names]
+        keys = list(out)
         for i, net in enumerate(parts):
             params = list(net.parameters())
             # Which parameters a step reaches depends on the flags alone, never on the data, so a
@@ -146,7 +148,7 @@ class Group:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             running = [] if self.sync_bn else [t for m in net.modules() if isinstance(m, nn.BatchNorm2d)
                                                for t in (m.running_mean, m.running_var) if t is not None]
-            metrics = [out[k].detach().reshape(1) for k in names] if i == len(parts) - 1 else []
+            metrics = [out[k].detach().reshape(1) for k in keys] if i == len(parts) - 1 else []
             tensors = grads + running + metrics
             flat = torch.cat([t.reshape(-1).to(params[0].dtype) for t in tensors])
             dist.all_reduce(flat)
@@ -159,7 +161,7 @@ class Group:
                 for t, avg in zip(running, pieces[len(params):]):
                     t.copy_(avg.view_as(t))
             if metrics:
-                out = {k: avg.reshape(()).to(out[k].dtype) for k, avg in zip(names, pieces[-len(names):])}
+                out = {k: avg.reshape(()).to(out[k].dtype) for k, avg in zip(keys, pieces[-len(keys):])}
         return out
 
     def agreed_signal(self, signum):

@@ -89,3 +89,18 @@ def readout_critic_loss(r_real, r_fake, penalty_real, penalty_fake, gamma, lamda
 def generator_readout_loss(r_fake, gamma):
     """-(1 - gamma) mean R(F4(G(z))): the WGAN generator term, stepped by G only."""
     return -(1 - gamma) * r_fake.mean()
+
+
+# Surrogates: terms whose gradient, not value, is what a network must follow. Where a loss and its
+# negation share a forward pass, the opposing network needs only the input-gradient that the
+# critic's penalty computed anyway; multiplying the input by that (detached) gradient hands it down.
+
+def inference_follows(wake, state_grads, gamma):
+    """Gradient w.r.t. F of gamma mean D(W), given state_grads = d sum_b D(W)_b / dW (h1..h5)."""
+    B = wake[0].size(0)
+    return sum((h * g.detach()).sum() for h, g in zip(wake[1:], state_grads[1:])) * (gamma / B)
+
+
+def generator_follows(image, image_grad, gamma):
+    """Gradient w.r.t. G of -(1 - gamma) mean R(F4(G(z))), given image_grad = d sum_b R(F4(u))_b / du."""
+    return (image * image_grad.detach()).sum() * (-(1 - gamma) / image.size(0))

@@ -17,6 +17,7 @@ Several GPUs or machines (data-parallel, --batch-size is the global batch; see d
     torchrun --nproc_per_node 8 train.py ...
 """
 import argparse
+import contextlib
 import itertools
 import os
 import random
@@ -77,6 +78,9 @@ def get_parser():
     g.add_argument("--wd", "--weight-decay", type=float, default=0.0, help="Adam weight decay")
     g.add_argument("--gradient-clipping", type=float, default=50.0,
                    help="clip D's and F's gradients to this infinity norm; 0 turns it off")
+    g.add_argument("--update-order", default="alternating", choices=("alternating", "simultaneous"),
+                   help="alternating (the release's): D steps; then R, and F following the stepped D; then G "
+                        "following the stepped F and R. simultaneous: every gradient at the same weights")
     g.add_argument("--lr-decay", type=int, default=10000, metavar="N",
                    help="a noise schedule despite the name: every N epochs divide all noise levels by 10")
     g = p.add_argument_group("run")
@@ -174,12 +178,13 @@ class StepConfig:
     prioritized_replay: bool = False
     gradient_clipping: float = 50.0
     amp: bool = False  # bf16 autocast of the forward passes
+    update_order: str = "alternating"  # or "simultaneous" (training_step)
 
     @classmethod
     def from_args(cls, args):
         return cls(gamma=args.gamma, lamda=args.lamda, lamda2=args.lamda2, kl_from_sn=args.kl_from_sn,
                    scale_by_d=args.scale_gen_surprisal_by_D, prioritized_replay=args.prioritized_replay,
-                   gradient_clipping=args.gradient_clipping, amp=args.amp)
+                   gradient_clipping=args.gradient_clipping, amp=args.amp, update_order=args.update_order)
 
 
 def make_optimizers(nets, args):
@@ -195,9 +200,13 @@ class BadArgument(UserError):
 
 
 class NonFiniteError(Exception):
-    def __init__(self, terms):
+    """A non-finite loss or gradient, refused before it reached the weights of the networks that
+    had not yet stepped; `stepped` names those that had (the critics, in the alternating order)."""
+
+    def __init__(self, terms, stepped=()):
         super().__init__(", ".join(terms))
         self.terms = terms
+        self.stepped = list(stepped)
 
 
 def _data(states, dtype):
@@ -205,20 +214,40 @@ def _data(states, dtype):
     return [h.detach().to(dtype) for h in states]
 
 
-def step_losses(nets, x, hp: StepConfig):
-    """The forward passes and loss terms of one step: (total, metrics as 0-d tensors).
+@dataclass
+class StepTerms:
+    """The forward passes of one step, as step_losses leaves them for training_step."""
+    loss_d: torch.Tensor  # L_D: reaches D only
+    loss_rest: torch.Tensor  # L_R (R and F), F's KL term, G's prediction term
+    wake: list  # F's states of the batch, with F's graph
+    state_grads: list  # d sum_b D(W)_b / dW at the current D (None at gamma 0)
+    image: torch.Tensor  # G(z), with G's graph (None without a readout)
+    image_grad: torch.Tensor  # d sum_b R(F4(u))_b / du at u = sg G(z), current F and R (None without)
+    out: dict  # metrics as 0-d tensors
 
-    The gradient of `total` w.r.t. each network's parameters is that network's gradient:
-    every term reaches only its own network (SPEC: all gradients at the same parameter
-    values). Where a loss and its negation share a forward pass (D and F on the wake
-    state; R and G on the sleep image) the pass runs once and the opposing network
-    receives the input-gradient that the penalty needed anyway, through a surrogate term
-    whose gradient, not value, is the one it must follow."""
+    def simultaneous_total(self, gamma):
+        """One loss whose gradient w.r.t. each network is that network's gradient, every one
+        taken at the current weights: F and G follow the critics through the kept input-gradients."""
+        total = self.loss_d + self.loss_rest
+        if self.state_grads is not None:
+            total = total + losses.inference_follows(self.wake, self.state_grads, gamma)
+        if self.image is not None:
+            total = total + losses.generator_follows(self.image, self.image_grad, gamma)
+        return total
+
+
+def step_losses(nets, x, hp: StepConfig):
+    """The forward passes and loss terms of one step, at the current parameters.
+
+    Every term reaches only its own network. Where a loss and its negation share a forward
+    pass (D and F on the wake state; R and G on the sleep image) the pass runs once, and the
+    input-gradient that the critic's penalty needs anyway is kept (state_grads, image_grad):
+    the simultaneous order hands it to the opposing network through a surrogate term
+    (losses.inference_follows, losses.generator_follows)."""
     F, G, D, R = nets.inference, nets.generator, nets.discriminator, nets.readout
     B = x.size(0)
     zero = x.new_zeros(())
     out = dict.fromkeys(METRICS, zero)
-    surrogates = []  # terms whose gradient (not value) is what a network must follow
 
     # --- Wake: the inference network samples a state from the data.
     if R is not None:
@@ -227,6 +256,7 @@ def step_losses(nets, x, hp: StepConfig):
 
     # --- Sleep: the generator dreams a state from noise.
     z = torch.randn(B, nets.cfg.noise_dim, 1, 1, device=x.device, dtype=x.dtype)
+    g_wake = None
     if hp.gamma > 0:
         d_wake, g_wake, l1_wake = D.score_and_state_gradients(_data(wake, x.dtype))
         d_wake = d_wake.to(x.dtype)
@@ -245,25 +275,21 @@ def step_losses(nets, x, hp: StepConfig):
                                            losses.l1_gradient_penalty(l1_sleep), hp.gamma, hp.lamda)
         if hp.scale_by_d:
             loss_d = loss_d + losses.centering_loss(d_wake, d_sleep)
-
-        # --- Inference, adversarial: gamma mean D(W). Its gradient w.r.t. W is
-        # gamma / B * d(sum D)/dW, already computed for P1; send it down F.
+        # --- Inference, adversarial: gamma mean D(W); F follows it through g_wake (training_step).
         loss_f = losses.inference_adversarial_loss(d_wake, hp.gamma)
-        coef = hp.gamma / B
-        surrogates += [(h * g.detach()).sum() * coef for h, g in zip(wake[1:], g_wake[1:])]
 
         # --- Generator, predictive: each layer predicts the inferred layer below.
         weights = losses.surprisal_weights(d_wake) if hp.scale_by_d else None
-        loss_g = hp.gamma * losses.generator_prediction_loss(G, wake, weights)
+        prediction = hp.gamma * losses.generator_prediction_loss(G, wake, weights)
         out.update(loss_d=loss_d.detach(), d_wake=d_wake.detach().mean(), d_sleep=d_sleep.detach().mean())
     else:
-        loss_d = loss_f = loss_g = zero
-    kl = zero
+        loss_d = loss_f = prediction = zero
+    loss_g, kl = prediction, zero
     if hp.kl_from_sn:
         kl = 1e-4 * losses.kl_from_standard_normal(wake[5].to(x.dtype))
         loss_f = loss_f + kl
 
-    loss_r = zero
+    loss_r, grad_fake = zero, None
     if R is not None:
         # --- Readout: R(F4(.)) is a WGAN-GP critic on images, trained with F.
         r_real = R(wake[4]).to(x.dtype)
@@ -273,15 +299,12 @@ def step_losses(nets, x, hp: StepConfig):
         (grad_fake,) = torch.autograd.grad(r_fake.sum(), fake, create_graph=True)
         loss_r = losses.readout_critic_loss(r_real, r_fake, losses.l2_gradient_penalty(grad_real),
                                             losses.l2_gradient_penalty(grad_fake), hp.gamma, hp.lamda2)
-        # G's WGAN term -(1 - gamma) mean R(F4(G(z))): its gradient w.r.t. the image is
-        # -(1 - gamma) / B * grad_fake, already computed for P2.
+        # Reported at the current F and R; G follows it through image_grad or a fresh pass (training_step).
         loss_g = loss_g + losses.generator_readout_loss(r_fake.detach(), hp.gamma)
-        surrogates.append((sleep[0] * grad_fake.detach()).sum() * (-(1 - hp.gamma) / B))
 
     out.update(loss_f=loss_f.detach(), loss_g=loss_g.detach(), loss_r=loss_r.detach())
-    # loss_g's readout part is computed from detached scores: G follows it through its surrogate.
-    total = loss_d + loss_r + kl + loss_g + sum(surrogates, zero)
-    return total, out
+    return StepTerms(loss_d, loss_r + kl + prediction, wake, g_wake, sleep[0] if R is not None else None, grad_fake,
+                     out)
 
 
 def _inf_norm(tensors):
@@ -290,37 +313,91 @@ def _inf_norm(tensors):
     return torch.stack([torch.maximum(t.amax(), -t.amin()) for t in tensors]).amax()
 
 
-def training_step(nets, optimizers, x, hp: StepConfig, check_finite=True, average=None):
-    """One step of Adversarial Wake-Sleep: one backward pass for all networks, clipping,
-    a check that nothing is non-finite, then each Adam steps once. Returns the metrics.
+def _backward(loss, nets, names):
+    """Gradients of `loss` into the networks `names` (those that exist) alone."""
+    if loss.requires_grad:
+        loss.backward(inputs=[p for n, net in nets.parts().items() if n in names for p in net.parameters()])
 
-    `average(nets, metrics) -> metrics` (several processes: distributed.Group.average) turns the
-    gradients and metrics into their means over the processes, before anything reads them."""
-    for opt in optimizers.values():
-        opt.zero_grad(set_to_none=True)
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=hp.amp):
-        total, out = step_losses(nets, x, hp)
-    params = [p for net in nets.parts().values() for p in net.parameters()]
-    total.backward(inputs=params)
+
+def _update(nets, optimizers, names, out, hp, check_finite, average, stepped=()):
+    """Average (several processes), check, clip and step the networks `names`, whose gradients are
+    complete; `out` (the metrics, or {}) is averaged and checked with them. Returns `out`."""
+    names = [n for n in names if n in nets.parts()]
     if average is not None:
-        out = average(nets, out)
-
+        out = average(nets, out, names)
     # Each network's largest gradient entry: clipping needs it, and it is NaN or inf exactly when
     # some entry is, so it also serves the finiteness check.
-    grads = {name: [p.grad for p in net.parameters() if p.grad is not None] for name, net in nets.parts().items()}
-    norms = {name: _inf_norm(g) for name, g in grads.items() if g}
-    if check_finite:  # one host sync per step
+    grads = {n: [p.grad for p in nets.parts()[n].parameters() if p.grad is not None] for n in names}
+    norms = {n: _inf_norm(g) for n, g in grads.items() if g}
+    if check_finite and (out or norms):  # one host sync per phase
         if not bool(torch.isfinite(torch.stack([*out.values(), *norms.values()])).all()):
             bad = [k for k, v in out.items() if not torch.isfinite(v)]
-            bad += [f"gradient of {name}" for name, v in norms.items() if not torch.isfinite(v)]
-            raise NonFiniteError(bad)
+            bad += [f"gradient of {n}" for n, v in norms.items() if not torch.isfinite(v)]
+            raise NonFiniteError(bad, stepped)
     if hp.gradient_clipping > 0:
-        for name in ("discriminator", "inference"):
-            if name in norms:
-                torch.nn.utils.clip_grads_with_norm_(nets.parts()[name].parameters(), hp.gradient_clipping,
-                                                     norms[name])
+        for n in ("discriminator", "inference"):
+            if n in norms:
+                torch.nn.utils.clip_grads_with_norm_(nets.parts()[n].parameters(), hp.gradient_clipping, norms[n])
+    for n in names:
+        optimizers[n].step()
+    return out
+
+
+@contextlib.contextmanager
+def _statistics_kept(module):
+    """Passes that only re-evaluate a gradient leave BatchNorm statistics and spectral-norm
+    estimates where the step's own passes left them."""
+    kept = [b.clone() for b in module.buffers()]
+    yield
+    with torch.no_grad():
+        for b, k in zip(module.buffers(), kept):
+            b.copy_(k)
+
+
+def training_step(nets, optimizers, x, hp: StepConfig, check_finite=True, average=None):
+    """One step of Adversarial Wake-Sleep: gradients, clipping, a check that nothing is
+    non-finite, and each network's Adam step, in the order of updates `hp.update_order`:
+
+    alternating (the release's order, SPEC "Order of updates"): the critics step first and their
+    opponents follow the moved critics, with exact gradients from fresh passes:
+      1. D steps on L_D;
+      2. F's adversarial gradient is taken through the stepped D (a fresh D pass at the wake
+         state); R and F step on L_R, that and the KL term;
+      3. G's readout gradient is taken through the stepped F and R (a fresh pass of G's image);
+         G steps on it and its prediction term.
+    simultaneous: every gradient at the same parameter values, one backward, every network steps.
+
+    `average(nets, metrics, names) -> metrics` (several processes: distributed.Group.average)
+    turns the gradients of `names` and the metrics into their means over the processes."""
     for opt in optimizers.values():
-        opt.step()
+        opt.zero_grad(set_to_none=True)
+    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=hp.amp)
+    with autocast:
+        t = step_losses(nets, x, hp)
+    F, D, R = nets.inference, nets.discriminator, nets.readout
+    everything = list(nets.parts())
+    if hp.update_order == "simultaneous":
+        _backward(t.simultaneous_total(hp.gamma), nets, everything)
+        return _update(nets, optimizers, everything, t.out, hp, check_finite, average)
+
+    # (1) The wake/sleep discriminator steps.
+    _backward(t.loss_d, nets, ["discriminator"])
+    out = _update(nets, optimizers, ["discriminator"], t.out, hp, check_finite, average)
+    # (2) F follows the stepped D; R and F, the image critic, step.
+    inference_follows = 0
+    if t.state_grads is not None:
+        with autocast, torch.no_grad():
+            _, state_grads, _ = D.score_and_state_gradients(_data(t.wake, x.dtype))
+        inference_follows = losses.inference_follows(t.wake, state_grads, hp.gamma)
+    _backward(t.loss_rest + inference_follows, nets, ["readout", "inference", "generator"])
+    _update(nets, optimizers, ["readout", "inference"], {}, hp, check_finite, average, stepped=["discriminator"])
+    # (3) G follows the stepped F and R, and steps.
+    if R is not None:
+        with autocast, _statistics_kept(F):
+            readout = losses.generator_readout_loss(R(F(t.image.to(x.dtype), to_layer=4)[4]).to(x.dtype), hp.gamma)
+            _backward(readout, nets, ["generator"])
+    _update(nets, optimizers, ["generator"], {}, hp, check_finite, average,
+            stepped=[n for n in ("discriminator", "readout", "inference") if n in nets.parts()])
     return out
 
 
@@ -529,18 +606,23 @@ def train(args, group):
                         for b, kept in zip(nets.buffers(), buffers):
                             b.copy_(kept)
                     where = f"epoch {epoch + 1}, step {step}"
+                    # The alternating order steps the critics before their opponents' gradients exist.
+                    part = (f" ({', '.join(e.stepped)} had already stepped, the other networks did not)"
+                            if e.stepped else "")
                     if skipped < args.skip_nonfinite:
                         skipped += 1
                         epoch_skipped += 1
                         if group.is_main:
-                            bar.write(f"skipped {where}: non-finite {e} ({skipped} of --skip-nonfinite "
+                            bar.write(f"skipped {where}: non-finite {e}{part} ({skipped} of --skip-nonfinite "
                                       f"{args.skip_nonfinite})", file=sys.stderr)
                         continue
                     bar.close()
-                    # The bad step was not applied: the networks and optimizers in memory are the last good state.
+                    # The bad update was not applied: in memory is the last good state (but for `e.stepped`).
                     bad_path = os.path.join(args.out, "nonfinite_state.pth.tar")
                     save_inside_epoch(bad_path, epoch, step - 1)
-                    raise UserError(f"non-finite {e} at {where}. The state before that step is in {bad_path}, "
+                    state = ("The state before that step" if not e.stepped else
+                             f"The state with {', '.join(e.stepped)} stepped and the other networks not")
+                    raise UserError(f"non-finite {e} at {where}. {state} is in {bad_path}, "
                                     f"and {ckpt_path} is untouched: resume from either with lower learning rates, "
                                     f"or allow a few bad steps with --skip-nonfinite N") from None
                 for k in METRICS:

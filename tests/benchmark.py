@@ -5,7 +5,8 @@
     python tests/benchmark.py --baseline --epoch            # + the term-by-term step, + a whole epoch
 
 For each of the paper's settings it reports the median time of a training step after warm-up
-(float32, and bf16 autocast as with train.py --amp; on CUDA also with TF32 matmuls, without the
+(float32 in the default alternating order and in the simultaneous one, and bf16 autocast as with
+train.py --amp; on CUDA also with TF32 matmuls, without the
 finiteness check's host synchronization, and without cuDNN's autotuning), the step's
 floating-point operations (counted by torch.utils.flop_counter's formulas) and the fraction of
 this machine's dense float32 matrix-multiply rate they achieve, so that a figure means something
@@ -89,6 +90,11 @@ def fast_step(nets, optimizers, x, hp):
 
 def amp_step(nets, optimizers, x, hp):
     train.training_step(nets, optimizers, x, dataclasses.replace(hp, amp=True))
+
+
+def simultaneous_step(nets, optimizers, x, hp):
+    # Every gradient at the same weights (--update-order simultaneous): what the default's fresh passes cost.
+    train.training_step(nets, optimizers, x, dataclasses.replace(hp, update_order="simultaneous"))
 
 
 def unchecked_step(nets, optimizers, x, hp):
@@ -237,7 +243,8 @@ def main():
         report["devices"][dev] = {"name": name, "matmul_tflops": rate / 1e12, "torch_mm_tflops": mm_rate / 1e12}
         print(f"{dev} ({name}): float32 matmul {rate / 1e9:.1f} GFLOP/s (torch.mm {mm_rate / 1e9:.1f})")
         # (name, step, backend flags, what to do to the networks first)
-        kinds = [("fast", fast_step, {}, None), ("fast+amp", amp_step, {}, None)]
+        kinds = [("fast", fast_step, {}, None), ("fast+amp", amp_step, {}, None),
+                 ("fast, simultaneous", simultaneous_step, {}, None)]
         if dev == "cuda":
             kinds += [("fast+tf32", fast_step, {"matmul.allow_tf32": True, "cudnn.allow_tf32": True}, None),
                       ("fast, unchecked", unchecked_step, {}, None),

@@ -31,8 +31,10 @@ WORLD = 2
 # 64 images in global batches of 16: four steps, each process training on 8 images a step. The readout
 # (gamma < 1) brings in the double back-propagation through F, and a small clipping norm makes the
 # clipping act, so that clipping before averaging would show.
+# The one-process reference below takes every gradient at the same weights, so these processes do too;
+# the alternating order's phases (one all_reduce each) meet a one-process run in the --sync-bn test.
 ARGV = TINY + ["-b", "16", "--epochs", "1", "--seed", "11", "--probe-folds", "0", "--gamma", "0.9", "--kl-from-sn",
-               "--gradient-clipping", "0.05", "--device", "cpu"]
+               "--gradient-clipping", "0.05", "--device", "cpu", "--update-order", "simultaneous"]
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +132,9 @@ def _one_process_averaging_shards(argv, images):
         for r in range(WORLD):
             replica = copy.deepcopy(nets)
             torch.set_rng_state(streams[r])
-            total, out = train.step_losses(replica, data.to_unit_range(images[batch[r::WORLD]]), hp)
-            total.backward(inputs=list(replica.parameters()))
+            terms = train.step_losses(replica, data.to_unit_range(images[batch[r::WORLD]]), hp)
+            terms.simultaneous_total(hp.gamma).backward(inputs=list(replica.parameters()))
+            out = terms.out
             streams[r] = torch.get_rng_state()
             grads.append([p.grad for p in replica.parameters()])
             outs.append(out)

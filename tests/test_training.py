@@ -29,58 +29,111 @@ def _params(net):
     return list(net.parameters())
 
 
-def reference_gradients(nets, x, hp, seed):
-    """SPEC.md's losses, each from its own forward passes, each network's gradient taken alone."""
-    F, G, D, R = nets.inference, nets.generator, nets.discriminator, nets.readout
-    B, g = x.size(0), hp.gamma
-    if seed is not None:
-        torch.manual_seed(seed)
-    W = F(x)
-    z = torch.randn(B, nets.cfg.noise_dim, 1, 1, dtype=x.dtype, device=x.device)
-    sg = lambda states: [h.detach().requires_grad_(True) for h in states]  # noqa: E731
+class Reference:
+    """SPEC.md's losses, each from its own forward passes of the networks as they are when it is
+    called: the batch's wake state W, the noise z and the sleep state S are drawn once."""
 
-    def P1(states):
+    def __init__(self, nets, x, hp, seed):
+        self.nets, self.x, self.hp = nets, x, hp
+        F, G, D = nets.inference, nets.generator, nets.discriminator
+        B = x.size(0)
+        if seed is not None:
+            torch.manual_seed(seed)
+        self.W = F(x)
+        self.z = torch.randn(B, nets.cfg.noise_dim, 1, 1, dtype=x.dtype, device=x.device)
+        if hp.prioritized_replay:
+            self.z[:B // 2] = self.W[5].detach()[D(_sg(self.W)).detach().argsort()[:B // 2]]
+        self.S = G(self.z)
+        # --scale-gen-surprisal-by-D weighs G's terms by the D that scored the wake state, before it stepped.
+        self.surprise = 2 * torch.sigmoid(-D(_sg(self.W)).detach())
+
+    def P1(self, states):
+        D = self.nets.discriminator
         return losses.l1_gradient_penalty(losses.l1_norms(losses.state_gradients(D(states), states)))
 
-    if hp.prioritized_replay:
-        z[:B // 2] = W[5].detach()[D(sg(W)).detach().argsort()[:B // 2]]
-    S = G(z)
-    d_w, d_s = D(sg(W)), D(sg(S))
-    L_D = g * (-d_w.mean() + d_s.mean() + hp.lamda * P1(sg(S)) + hp.lamda * P1(sg(W)))
-    if hp.scale_by_d:
-        L_D = L_D + (d_s.mean() + d_w.mean()).abs()
-    L_F = g * D(W).mean()
-    if hp.kl_from_sn:
-        L_F = L_F + 1e-4 * losses.kl_from_standard_normal(W[5])
-    per_sample = 0
-    for k in range(1, 6):
-        a = torch.tanh if k == 1 else torch.relu
-        per_sample = per_sample + (a(G.convs[k - 1](W[k].detach())) - W[k - 1].detach()).abs().flatten(1).mean(1)
-    if hp.scale_by_d:
-        per_sample = per_sample * 2 * torch.sigmoid(-D(sg(W)).detach())
-    L_G = g * per_sample.mean()
-    L_R = x.new_zeros(())
-    if R is not None:
-        def critic(u):
-            return R(F(u, to_layer=4)[4])
+    def L_D(self):
+        D, g, hp = self.nets.discriminator, self.hp.gamma, self.hp
+        d_w, d_s = D(_sg(self.W)), D(_sg(self.S))
+        L_D = g * (-d_w.mean() + d_s.mean() + hp.lamda * self.P1(_sg(self.S)) + hp.lamda * self.P1(_sg(self.W)))
+        if hp.scale_by_d:
+            L_D = L_D + (d_s.mean() + d_w.mean()).abs()
+        return L_D
+
+    def L_F(self):
+        L_F = self.hp.gamma * self.nets.discriminator(self.W).mean()
+        if self.hp.kl_from_sn:
+            L_F = L_F + 1e-4 * losses.kl_from_standard_normal(self.W[5])
+        return L_F
+
+    def critic(self, u):
+        return self.nets.readout(self.nets.inference(u, to_layer=4)[4])
+
+    def L_R(self):
+        if self.nets.readout is None:
+            return self.x.new_zeros(())
 
         def P2(u):
             u = u.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(critic(u).sum(), u, create_graph=True)
+            (grad,) = torch.autograd.grad(self.critic(u).sum(), u, create_graph=True)
             return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
 
-        L_R = (1 - g) * (-critic(x).mean() + critic(S[0].detach()).mean() + hp.lamda2 * (P2(x) + P2(S[0])))
-        L_G = L_G - (1 - g) * critic(G(z)[0]).mean()
+        x, fake = self.x, self.S[0].detach()
+        return (1 - self.hp.gamma) * (-self.critic(x).mean() + self.critic(fake).mean()
+                                      + self.hp.lamda2 * (P2(x) + P2(fake)))
 
-    def grads(loss, net):
-        return [gr if gr is not None else torch.zeros_like(p)
-                for gr, p in zip(torch.autograd.grad(loss, _params(net), retain_graph=True, allow_unused=True),
-                                 _params(net))]
+    def L_G(self):
+        G, W = self.nets.generator, self.W
+        per_sample = 0
+        for k in range(1, 6):
+            a = torch.tanh if k == 1 else torch.relu
+            per_sample = per_sample + (a(G.convs[k - 1](W[k].detach())) - W[k - 1].detach()).abs().flatten(1).mean(1)
+        if self.hp.scale_by_d:
+            per_sample = per_sample * self.surprise
+        L_G = self.hp.gamma * per_sample.mean()
+        if self.nets.readout is not None:
+            L_G = L_G - (1 - self.hp.gamma) * self.critic(self.S[0]).mean()
+        return L_G
 
-    out = {"discriminator": grads(L_D, D), "inference": grads(L_F + L_R, F), "generator": grads(L_G, G)}
+
+def _sg(states):
+    return [h.detach().requires_grad_(True) for h in states]
+
+
+def _grads(loss, net):
+    return [gr if gr is not None else torch.zeros_like(p)
+            for gr, p in zip(torch.autograd.grad(loss, _params(net), retain_graph=True, allow_unused=True),
+                             _params(net))]
+
+
+def reference_gradients(nets, x, hp, seed):
+    """Every network's gradient, each taken alone, all at the same parameter values."""
+    ref = Reference(nets, x, hp, seed)
+    L_D, L_F, L_G, L_R = ref.L_D(), ref.L_F(), ref.L_G(), ref.L_R()
+    F, G, D, R = nets.inference, nets.generator, nets.discriminator, nets.readout
+    out = {"discriminator": _grads(L_D, D), "inference": _grads(L_F + L_R, F), "generator": _grads(L_G, G)}
     if R is not None:
-        out["readout"] = grads(L_R, R)
+        out["readout"] = _grads(L_R, R)
     return out, {"loss_d": L_D, "loss_f": L_F, "loss_g": L_G, "loss_r": L_R}
+
+
+@torch.no_grad()
+def _descend(net, grads, lr):
+    for p, g in zip(_params(net), grads):
+        p -= lr * g
+
+
+def reference_alternating_step(nets, x, hp, seed, lr):
+    """The release's order, term by term, with plain gradient descent: D steps; F's gradient is
+    then taken with the stepped D, and F and R step; G's, with the stepped F and R, and G steps."""
+    ref = Reference(nets, x, hp, seed)
+    F, G, D, R = nets.inference, nets.generator, nets.discriminator, nets.readout
+    _descend(D, _grads(ref.L_D(), D), lr)
+    L_R = ref.L_R()
+    grads_f = _grads(ref.L_F() + L_R, F)
+    if R is not None:
+        _descend(R, _grads(L_R, R), lr)
+    _descend(F, grads_f, lr)
+    _descend(G, _grads(ref.L_G(), G), lr)
 
 
 def fast_gradients(nets, x, hp, seed):
@@ -123,6 +176,40 @@ def test_fast_step_equals_term_by_term_losses_and_gradients(name, device):
             assert total == 0  # gamma = 0 leaves only the WGAN terms
         else:
             assert total > 0, net_name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["paper-mnist", "doubly-adversarial", "scaled-replayed"])
+def test_each_order_of_updates_equals_its_term_by_term_step(name, device):
+    """One step with a learning rate, so the order matters: alternating against the release's order
+    written out (D steps, F follows the stepped D, G the stepped F and R), simultaneous against
+    every gradient at the starting weights."""
+    lr = 0.1
+    nets = _quiet_nets(readout=SETTINGS[name].gamma < 1, dtype=torch.float64).to(device)
+    x = torch.rand(6, 1, 32, 32, dtype=torch.float64, device=device) * 2 - 1
+    after = {}
+    for order in ("alternating", "simultaneous"):
+        hp = dataclasses.replace(SETTINGS[name], update_order=order)
+        ref = copy.deepcopy(nets)
+        if order == "alternating":
+            reference_alternating_step(ref, x, hp, seed=3, lr=lr)
+        else:
+            for net_name, grads in reference_gradients(ref, x, hp, seed=3)[0].items():
+                _descend(ref.parts()[net_name], grads, lr)
+        fast = copy.deepcopy(nets)
+        optimizers = {n: torch.optim.SGD(net.parameters(), lr=lr) for n, net in fast.parts().items()}
+        torch.manual_seed(3)
+        train.training_step(fast, optimizers, x, hp)
+        for net_name in ref.parts():
+            for a, b in zip(fast.parts()[net_name].parameters(), ref.parts()[net_name].parameters()):
+                assert (a - b).abs().max() <= 1e-9 * b.abs().max() + 1e-12, (order, net_name)
+        after[order] = fast
+    # The orders differ where a network follows a moved critic: F (after D) and, with a readout, G.
+    followers = ["inference"] + (["generator"] if nets.readout is not None else [])
+    for net_name in followers:
+        gap = max((a - b).abs().max().item() for a, b in zip(after["alternating"].parts()[net_name].parameters(),
+                                                            after["simultaneous"].parts()[net_name].parameters()))
+        assert gap > 1e-6, net_name
 
 
 def test_gradients_reach_only_their_own_networks():
