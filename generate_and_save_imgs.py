@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import fid
+import sample_quality
 from data import DATASETS
 from utils import (UserError, add_architecture_flags, load_networks, pick_device, resolve_checkpoint_path, run_main,
                    write_atomically, write_json)
@@ -53,9 +54,14 @@ def get_parser():
     g.add_argument("--fid-ref", default=None, metavar="REF",
                    help="real images to compare with: a .npz of statistics (mu, sigma), a dataset name "
                         "(its train split, read from --data), or a folder of image files")
-    g.add_argument("--data", default=None, metavar="DIR", help="dataset root, when --fid-ref is a dataset name")
+    g.add_argument("--data", default=None, metavar="DIR",
+                   help="dataset root, when --fid-ref is a dataset name or with --classifier-fd (default: the run's)")
     g.add_argument("--save-ref-stats", default=None, metavar="FILE.npz",
                    help="save the statistics of --fid-ref here, to pass as --fid-ref next time")
+    g = p.add_argument_group("sample quality for digits, offline (sample_quality.py)")
+    g.add_argument("--classifier-fd", action="store_true",
+                   help="score the samples by a digit classifier trained on the run's dataset (mnist, digits): "
+                        "Fréchet distance of its features to the test split, confidence, class entropy")
     return p
 
 
@@ -68,8 +74,8 @@ def check_args(args, parser):
         path = getattr(args, flag)
         if path is not None and not path.endswith(".npz"):
             problems.append(f"--{flag.replace('_', '-')} {path} must end in .npz")
-    if args.fid_ref and args.n_images < 2:
-        problems.append("--fid-ref needs --n-images of at least 2 (a covariance)")
+    if (args.fid_ref or args.classifier_fd) and args.n_images < 2:
+        problems.append("--fid-ref and --classifier-fd need --n-images of at least 2 (a covariance)")
     if args.save_ref_stats and not args.fid_ref:
         problems.append("--save-ref-stats needs --fid-ref")
     if args.save_ref_stats and args.fid_ref and args.fid_ref.endswith(".npz"):
@@ -124,12 +130,18 @@ def generate(args):
         if args.save_ref_stats:
             fid.save_statistics(args.save_ref_stats, mu_r, sigma_r)
             print(f"saved the statistics of {ref} to {args.save_ref_stats}")
+    quality = None
+    if args.classifier_fd:  # before any sample, as above; trains the classifier on its first use
+        config = state.get("config", {})
+        dataset, root = args.dataset or config.get("dataset"), args.data or config.get("data")
+        quality = sample_quality.QualityMeasure(dataset, root, nets.cfg.image_size,
+                                                cache_dirs=[os.path.dirname(os.path.abspath(ckpt))])
     prepare_folder(out, args.overwrite)
 
     G = nets.generator.eval()
     z = sample_noise(args.n_images, nets.cfg.noise_dim, args.seed)
     width = max(5, len(str(args.n_images - 1)))
-    kept, feats = [], []
+    kept, feats, generated = [], [], []
     for start in tqdm(range(0, args.n_images, args.batch_size), desc="samples", unit="batch", dynamic_ncols=True):
         with torch.no_grad():
             x = G(z[start:start + args.batch_size].to(device))[0]  # (B, c, S, S) in [-1, 1]
@@ -140,6 +152,8 @@ def generate(args):
             kept.append(images)
         if inception is not None:
             feats.append(fid.activations(inception, [images], device))
+        if quality is not None:
+            generated.append(x.cpu())
     print(f"wrote {args.n_images} samples to {out}")
 
     if args.npz:
@@ -158,6 +172,11 @@ def generate(args):
         value = fid.frechet_distance(mu_g, sigma_g, mu_r, sigma_r)
         manifest["fid"] = {"value": value, "reference": ref}
         print(f"FID {value:.3f} ({args.n_images} samples vs {ref})")
+    if quality is not None:
+        scores = quality.score(torch.cat(generated))
+        manifest["classifier_fd"] = {**scores, "classifier": quality.cache}
+        print("classifier measure: " + " ".join(f"{k}={v:.4g}" for k, v in scores.items())
+              + f" ({args.n_images} samples vs the test split; comparable only at equal sample counts)")
     write_json(os.path.join(out, MANIFEST), manifest)
     return 0
 

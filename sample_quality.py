@@ -22,6 +22,7 @@ with Inception FID or the paper's numbers. Samples are scored as the PNGs hold t
 import argparse
 import hashlib
 import os
+import pickle
 import sys
 
 import numpy as np
@@ -104,20 +105,22 @@ class QualityMeasure:
         self.cache = None
         for d in dirs:  # a cache whose key matches, else retrain
             path = os.path.join(d, name)
-            if os.path.isfile(path):
+            try:
                 saved = torch.load(path, weights_only=True)
-                if saved.get("key") == key:
-                    self.net = DigitClassifier(channels_of(dataset), image_size, classes=saved["classes"])
-                    self.net.load_state_dict(saved["state"])
-                    self.net.eval()
-                    self.ref = (saved["mu"], saved["sigma"])
-                    self.cache = path
-                    return
+            except (OSError, RuntimeError, pickle.UnpicklingError):
+                continue  # absent, or not a cache this code wrote: retrain
+            if saved.get("key") == key:
+                self.net = DigitClassifier(channels_of(dataset), image_size, classes=saved["classes"])
+                self.net.load_state_dict(saved["state"])
+                self.net.eval()
+                self.ref = (saved["mu"].numpy(), saved["sigma"].numpy())
+                self.cache = path
+                return
         self.net = fit(train_x, train_y, seed=seed)
         test_x, _ = load_in_memory(dataset, root, image_size, train=False)
         self.ref = fid.statistics(features_and_probabilities(self.net, to_unit_range(test_x))[0])
         state = {"key": key, "classes": self.net.logits.out_features, "state": self.net.state_dict(),
-                 "mu": self.ref[0], "sigma": self.ref[1]}
+                 "mu": torch.from_numpy(self.ref[0]), "sigma": torch.from_numpy(self.ref[1])}
         for d in dirs:  # the first writable folder keeps it; none writable: retrain next time
             try:
                 os.makedirs(d, exist_ok=True)
