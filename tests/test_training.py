@@ -1,4 +1,5 @@
 """The training step against a plain term-by-term evaluation of SPEC.md, and the training loop."""
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -395,3 +396,30 @@ def test_training_more_epochs_on_a_finished_run_probes_again(tmp_path, mnist_roo
     second = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
     assert second["epoch"] == 2
     assert second["probe"] is not None  # a probe of the new weights, not a stale one dropped
+
+
+def test_a_non_finite_generator_phase_names_the_critics_that_stepped(monkeypatch):
+    """Alternating order: a NaN that appears only in G's fresh pass through the stepped critics is
+    refused before G steps, and the error says that D, R and F had already stepped."""
+    nets = _quiet_nets(readout=True)
+    optimizers = {n: torch.optim.SGD(net.parameters(), lr=0.1) for n, net in nets.parts().items()}
+    in_generator_phase = []
+    real = train._statistics_kept
+
+    @contextlib.contextmanager
+    def flagged(module):
+        in_generator_phase.append(True)
+        with real(module):
+            yield
+
+    monkeypatch.setattr(train, "_statistics_kept", flagged)
+    nets.readout.register_forward_hook(lambda m, i, out: out * float("nan") if in_generator_phase else out)
+    before = copy.deepcopy(nets)
+    hp = dataclasses.replace(SETTINGS["doubly-adversarial"], update_order="alternating")
+    with pytest.raises(train.NonFiniteError) as e:
+        train.training_step(nets, optimizers, torch.rand(6, 1, 32, 32) * 2 - 1, hp)
+    assert e.value.terms == ["gradient of generator"]
+    assert e.value.stepped == ["discriminator", "readout", "inference"]
+    for name in ("generator", "discriminator"):
+        pairs = zip(nets.parts()[name].parameters(), before.parts()[name].parameters())
+        assert all(torch.equal(a, b) for a, b in pairs) == (name == "generator"), name
