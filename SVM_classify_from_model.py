@@ -8,7 +8,8 @@
 On the dataset's test split, the inference network samples every layer (Input, Layer1 ..
 Layer5) once per image; then, for each of --n-folds stratified folds and each layer, a linear
 SVM (hinge loss, SGD, elastic-net penalty --alpha, --epochs passes) is trained on the
-standardized features of the other folds and scored on the held-out one. Prints the accuracy
+standardized features of the other folds and scored on the held-out one (--resample-features:
+the original release's procedure, new noisy features for every pass). Prints the accuracy
 mean +/- std over folds per layer; --json appends the result as one JSON line naming the
 checkpoint. --dataset and --data default to those the model was trained on.
 """
@@ -20,7 +21,7 @@ import sys
 import torch
 
 from data import DATASETS, DataError, make_batches
-from metrics import format_probe, layer_features, linear_probe
+from metrics import format_probe, layer_features, linear_probe, resampled_probe
 from utils import (UserError, add_architecture_flags, append_jsonl, load_networks, pick_device,
                    resolve_checkpoint_path, run_main)
 
@@ -39,6 +40,10 @@ def get_parser():
     p.add_argument("--n-folds", type=int, default=10, help="folds of the cross-validation")
     p.add_argument("--alpha", type=float, default=1e-4, help="elastic-net penalty of the SVM")
     p.add_argument("--epochs", type=int, default=5, help="SGD passes over the training folds")
+    p.add_argument("--resample-features", action="store_true",
+                   help="the original release's procedure: new noisy features of every minibatch in every SGD "
+                        "pass (the network's noise as augmentation), standardization and SVM updated by "
+                        "partial_fit; slower. Default: each image's features sampled once")
     p.add_argument("--seed", type=int, default=0, help="seed of the folds, the SGD and the network's sampling noise")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--gpu", type=int, default=None, help="CUDA device index (implies --device cuda)")
@@ -74,21 +79,29 @@ def probe(args):
                            workers=args.workers, shuffle=False, drop_last=False)
 
     torch.manual_seed(args.seed)  # the inference network samples: its noise is part of the features
-    features, labels = layer_features(nets.inference, batches)  # once per image, reused by every fold
     try:
-        results = linear_probe(features, labels, n_folds=args.n_folds, alpha=args.alpha, epochs=args.epochs,
-                               seed=args.seed)
+        if args.resample_features:
+            images, labels = (torch.cat(t) for t in zip(*batches))
+            labels = labels.cpu().numpy()
+            results = resampled_probe(nets.inference, images, labels, n_folds=args.n_folds, alpha=args.alpha,
+                                      epochs=args.epochs, seed=args.seed, batch_size=args.batch_size)
+        else:
+            features, labels = layer_features(nets.inference, batches)  # once per image, reused by every fold
+            results = linear_probe(features, labels, n_folds=args.n_folds, alpha=args.alpha, epochs=args.epochs,
+                                   seed=args.seed)
     except ValueError as e:  # too few images of a class for the folds, or non-finite features
         raise UserError(f"cannot probe {dataset}: {e}") from None
     folds = len(next(iter(results.values()))["folds"])
-    print(f"linear SVM accuracy per layer: {ckpt}, {dataset} test split, {len(labels)} images, {folds}-fold")
+    procedure = "features resampled every pass" if args.resample_features else "features sampled once"
+    print(f"linear SVM accuracy per layer: {ckpt}, {dataset} test split, {len(labels)} images, {folds}-fold, "
+          f"{procedure}")
     print(format_probe(results))
     if args.json:
         append_jsonl(args.json, {
             "checkpoint": os.path.abspath(ckpt), "epoch": state.get("epoch"), "model": state["model"],
             "dataset": dataset, "data": os.path.abspath(data) if data else None, "split": "test",
             "n_images": len(labels), "n_folds": folds, "alpha": args.alpha, "epochs": args.epochs,
-            "seed": args.seed, "time": datetime.datetime.now().isoformat(timespec="seconds"), "accuracy": results})
+            "seed": args.seed, "resample_features": args.resample_features, "time": datetime.datetime.now().isoformat(timespec="seconds"), "accuracy": results})
     return 0
 
 

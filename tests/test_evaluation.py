@@ -235,6 +235,22 @@ def test_probe_separable_classes_and_shuffled_labels(mnist, tmp_path, monkeypatc
     assert shuffle < 0.25  # chance is 0.1
 
 
+def test_probe_with_features_resampled_every_pass(mnist, tmp_path, monkeypatch):
+    root, ckpt = mnist
+    seen = []
+    forward = models.Inference.forward
+    monkeypatch.setattr(models.Inference, "forward", lambda self, x, *a, **k: seen.append(len(x)) or forward(
+        self, x, *a, **k))
+    out = tmp_path / "probe.jsonl"
+    assert svm.main(["--path", ckpt, "--data", root, "--epochs", "2", "--n-folds", "4", "-b", "64",
+                     "--resample-features", "--json", str(out)]) == 0
+    # Each fold: 2 passes over its 150 training images, sampled anew each time, and its 50 held out once.
+    assert sum(seen) == 4 * (2 * 150 + 50)
+    (row,) = read_json_lines(out)
+    assert row["resample_features"] is True and row["n_folds"] == 4
+    assert row["accuracy"]["Input"]["mean"] >= 0.97  # bands at different heights, as above
+
+
 # --- FID
 
 def test_frechet_distance_closed_forms():
