@@ -22,7 +22,7 @@ import torch
 
 from data import DATASETS, DataError, make_batches
 from metrics import format_probe, layer_features, linear_probe, resampled_probe
-from utils import (UserError, add_architecture_flags, append_jsonl, load_networks, pick_device,
+from utils import (UserError, add_architecture_flags, add_release_flags, append_jsonl, load_networks, pick_device,
                    resolve_checkpoint_path, run_main)
 
 
@@ -48,6 +48,15 @@ def get_parser():
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--gpu", type=int, default=None, help="CUDA device index (implies --device cuda)")
     p.add_argument("--json", default=None, metavar="FILE", help="append the result to FILE as one JSON line")
+    unused = "not used by the linear SVM (the original script defined it for its other decoders)"
+    add_release_flags(p, {"--noise-type": (dict(metavar="TYPE"), "the networks' noise is part of the checkpoint"),
+                          "--lr": (dict(type=float), unused), "--learning-rate": (dict(type=float), unused),
+                          "--opt": (dict(), unused), "--wd": (dict(type=float), unused),
+                          "--weight-decay": (dict(type=float), unused),
+                          "--nonlinear": (dict(action="store_true"), unused),
+                          "--loss-type": (dict(), unused), "--hidden-size": (dict(type=int), unused),
+                          "--he-initialization": (dict(action="store_true"), unused),
+                          "--lr-schedule": (dict(action="store_true"), unused)})
     return p
 
 
@@ -58,6 +67,8 @@ def check_args(args, parser):
     for flag in ("batch_size", "epochs"):
         if getattr(args, flag) < 1:
             problems.append(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        problems.append(f"--json {args.json}: its folder does not exist")
     if args.alpha < 0 or args.workers < 0:
         problems.append("--alpha and -j must not be negative")
     if problems:
@@ -101,7 +112,8 @@ def probe(args):
             "checkpoint": os.path.abspath(ckpt), "epoch": state.get("epoch"), "model": state["model"],
             "dataset": dataset, "data": os.path.abspath(data) if data else None, "split": "test",
             "n_images": len(labels), "n_folds": folds, "alpha": args.alpha, "epochs": args.epochs,
-            "seed": args.seed, "resample_features": args.resample_features, "time": datetime.datetime.now().isoformat(timespec="seconds"), "accuracy": results})
+            "seed": args.seed, "resample_features": args.resample_features,
+            "time": datetime.datetime.now().isoformat(timespec="seconds"), "accuracy": results})
     return 0
 
 

@@ -6,11 +6,13 @@ in memory, so they are resized once and kept as one uint8 tensor on the training
 (no per-image decoding every epoch). `folder`, `imagenet` and `lfw` read an image folder
 (`DATA/train`, evaluation `DATA/val`) through a DataLoader.
 """
+import gzip
 import math
 import os
 import pickle
 import struct
 import sys
+import zlib
 
 import numpy as np
 import torch
@@ -65,12 +67,13 @@ def _digits(train):
 
 
 def _read_idx(path, ndim):
-    """An uncompressed IDX file of unsigned bytes (MNIST's format) as a uint8 tensor, checked against its header."""
+    """An IDX file of unsigned bytes (MNIST's format), plain or gzipped (a .gz name), as a uint8 tensor,
+    checked against its header."""
     try:
-        with open(path, "rb") as f:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             data = f.read()
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror}") from None
+    except (OSError, EOFError, zlib.error) as e:  # gzip: BadGzipFile is an OSError; a cut-off one, EOFError
+        raise DataError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     header = 4 * (ndim + 1)
     if len(data) < header:
         raise DataError(f"{path} is truncated: {len(data)} bytes, less than an IDX header")
@@ -88,6 +91,8 @@ def _mnist(root, train):
     raw = os.path.join(root, "MNIST", "raw")
     prefix = "train" if train else "t10k"
     needed = [os.path.join(raw, f"{prefix}-{kind}-idx{n}-ubyte") for kind, n in (("images", 3), ("labels", 1))]
+    # MNIST as its site serves it is gzipped: either form will do, the uncompressed one if both are there.
+    needed = [p if os.path.exists(p) or not os.path.exists(p + ".gz") else p + ".gz" for p in needed]
     missing = [os.path.basename(p) for p in needed if not os.path.exists(p)]
     if missing:
         try:
@@ -96,7 +101,7 @@ def _mnist(root, train):
             raise DataMissing(
                 f"{raw} lacks {' and '.join(missing)}, and MNIST could not be downloaded ({e.__class__.__name__}). "
                 f"Put the four IDX files train-images-idx3-ubyte, train-labels-idx1-ubyte, "
-                f"t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte (uncompressed) in {raw}, "
+                f"t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte (plain or .gz) in {raw}, "
                 f"then pass --data {root}.") from None
     images, labels = _read_idx(needed[0], 3), _read_idx(needed[1], 1)
     if len(images) != len(labels) or len(images) == 0:

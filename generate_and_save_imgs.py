@@ -25,8 +25,8 @@ from tqdm import tqdm
 import fid
 import sample_quality
 from data import DATASETS
-from utils import (UserError, add_architecture_flags, load_networks, pick_device, resolve_checkpoint_path, run_main,
-                   write_atomically, write_json)
+from utils import (UserError, WriteError, add_architecture_flags, add_release_flags, load_networks, pick_device,
+                   resolve_checkpoint_path, run_main, write_atomically, write_json)
 
 MANIFEST = "samples.json"
 SAMPLE_NAME = re.compile(r"\d{5,}\.png")
@@ -62,6 +62,7 @@ def get_parser():
     g.add_argument("--classifier-fd", action="store_true",
                    help="score the samples by a digit classifier trained on the run's dataset (mnist, digits): "
                         "Fréchet distance of its features to the test split, confidence, class entropy")
+    add_release_flags(p, {"--noise-type": (dict(metavar="TYPE"), "the networks' noise is part of the checkpoint")})
     return p
 
 
@@ -113,7 +114,12 @@ def sample_noise(n, noise_dim, seed):
 
 def write_png(path, image):
     """uint8 (3, H, W) -> an 8-bit RGB PNG."""
-    Image.fromarray(image.permute(1, 2, 0).numpy()).save(path, format="PNG")
+    try:
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(path, format="PNG")
+    except OSError as e:
+        if os.path.exists(path):
+            os.unlink(path)  # PIL leaves what it wrote of the file
+        raise WriteError(path, e) from None
 
 
 def generate(args):

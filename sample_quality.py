@@ -33,7 +33,7 @@ from PIL import Image
 
 import fid
 from data import DATASETS, DataError, channels_of, load_in_memory, to_unit_range
-from utils import UserError, write_atomically
+from utils import UserError, WriteError, serialized, write_atomically
 
 VERSION = 1  # of the classifier and its training; a cache of another version is retrained
 
@@ -124,10 +124,10 @@ class QualityMeasure:
         for d in dirs:  # the first writable folder keeps it; none writable: retrain next time
             try:
                 os.makedirs(d, exist_ok=True)
-                write_atomically(os.path.join(d, name), lambda f: torch.save(state, f))
+                write_atomically(os.path.join(d, name), lambda f: f.write(serialized(state)))
                 self.cache = os.path.join(d, name)
                 break
-            except OSError:
+            except (OSError, WriteError):
                 continue
 
     def score(self, samples):

@@ -35,9 +35,9 @@ import losses
 from data import DATASETS, DataError, DataMissing, channels_of, make_batches, num_images
 from metrics import format_probe, layer_features, linear_probe
 from models import ModelConfig, Networks
-from utils import (CHECKPOINT_NAME, CheckpointError, UserError, add_bool_flag, check_architecture, keep_freed_memory,
-                   load_checkpoint,
-                   save_checkpoint, save_grid, write_json, write_metrics_csv)
+from utils import (CHECKPOINT_NAME, CheckpointError, RunLock, UserError, WriteError, add_bool_flag, add_release_flags,
+                   check_architecture, keep_freed_memory, load_checkpoint, note_release_flags,
+                   remove_stray_temporaries, save_checkpoint, save_grid, write_json, write_metrics_csv)
 
 METRICS = ("loss_d", "loss_f", "loss_g", "loss_r", "d_wake", "d_sleep")
 
@@ -116,6 +116,9 @@ def get_parser():
                    help="None: nccl on CUDA GPUs, gloo on CPUs")
     g.add_argument("--multiprocessing-distributed", action="store_true",
                    help="start one process per CUDA GPU of this machine (torchrun --nproc_per_node does the same)")
+    add_release_flags(p, {"--detailed-logging": (
+        dict(action="store_true"), "the linear decoding probe of every layer runs after the last epoch here "
+                                   "(--probe-folds), and every epoch's losses go to metrics.csv")})
     return p
 
 
@@ -493,7 +496,8 @@ def train(args, group):
 
     resumed = load_checkpoint(args.resume, map_location=device) if args.resume else None
     if resumed:
-        check_architecture(ModelConfig.from_dict(resumed["model"]), cfg.to_dict())
+        check_architecture(ModelConfig.from_dict(resumed["model"]), cfg.to_dict(),
+                           advice="resume it with the checkpoint's flags, or start a new run (no --resume)")
         seed = resumed["seed"] if args.seed is None else args.seed
     else:
         seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31)
@@ -515,6 +519,12 @@ def train(args, group):
                 pass
         except OSError as e:
             raise BadArgument(f"--out {args.out} cannot be written ({e.strerror})") from None
+        lock = RunLock(args.out)  # noqa: F841  held until this function returns (or the process dies)
+        stray = [os.path.join(d, n) for d in (args.out, os.path.join(args.out, "gen_images"))
+                 for n in remove_stray_temporaries(d)]
+        if stray:
+            print(f"removed {len(stray)} temporary file(s) that a killed run left half-written: {', '.join(stray)}",
+                  file=sys.stderr)
         write_json(os.path.join(args.out, "config.json"), {"model": cfg.to_dict(), "args": vars(args)})
 
     torch.manual_seed(seed)
@@ -560,6 +570,7 @@ def train(args, group):
                                                    skipped=skipped, rngs=rngs))
         group.barrier()
 
+    grids, written = True, None  # sample grids still wanted; the epoch in ckpt_path, once this run wrote it
     with Interrupt() as interrupt:
         for epoch in range(start_epoch, args.epochs):
             if partial is None:  # an epoch boundary
@@ -656,14 +667,24 @@ def train(args, group):
             history.append(row)
             if group.is_main:
                 print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-                if args.save_imgs:
-                    save_samples(nets.generator, fixed_z, os.path.join(args.out, "gen_images",
-                                                                       f"imgs_epoch{epoch + 1}.png"))
+                if args.save_imgs and grids:
+                    try:  # a picture is not worth stopping the run for
+                        save_samples(nets.generator, fixed_z, os.path.join(args.out, "gen_images",
+                                                                           f"imgs_epoch{epoch + 1}.png"))
+                    except WriteError as e:
+                        grids = False
+                        print(f"warning: {e}; training goes on without sample grids", file=sys.stderr)
                 state = checkpoint_state(args, nets, optimizers, seed, epoch + 1, 0, history, skipped=skipped)
-                save_checkpoint(ckpt_path, state)
-                if args.save_every and (epoch + 1) % args.save_every == 0:
-                    save_checkpoint(os.path.join(args.out, f"checkpoint_epoch{epoch + 1}.pth.tar"), state)
-                write_metrics_csv(os.path.join(args.out, "metrics.csv"), history)
+                try:
+                    save_checkpoint(ckpt_path, state)
+                    written = epoch + 1
+                    if args.save_every and (epoch + 1) % args.save_every == 0:
+                        save_checkpoint(os.path.join(args.out, f"checkpoint_epoch{epoch + 1}.pth.tar"), state)
+                    write_metrics_csv(os.path.join(args.out, "metrics.csv"), history)
+                except WriteError as e:
+                    held = f"it holds epoch {written}" if written else "it holds what was written before this run"
+                    raise UserError(f"{e}. Training stopped after epoch {epoch + 1}; {ckpt_path} is whole and "
+                                    f"{held}: {resume_hint(ckpt_path)} once the disk is fixed") from None
             stop = group.agreed_signal(interrupt.signal)  # it came during the epoch's last step or its bookkeeping
             if stop is not None:
                 if group.is_main:
@@ -688,6 +709,7 @@ def train(args, group):
 def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
+    note_release_flags(args)
     check_args(args, parser)
     keep_freed_memory()
     if args.multiprocessing_distributed:

@@ -2,6 +2,7 @@
 import argparse
 import csv
 import ctypes
+import errno
 import io
 import json
 import os
@@ -89,26 +90,87 @@ def _fsync_dir(folder):
         os.close(fd)
 
 
+# What an OSError of a write means, in the words a user needs.
+_CAUSES = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+           errno.EIO: "input/output error (a failing disk, or a network mount that went away)",
+           errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+           errno.EPERM: "operation not permitted", errno.EFBIG: "file too large for this file system"}
+
+
+class WriteError(UserError):
+    """A file that could not be written: the message names it, the cause, and what is intact."""
+
+    def __init__(self, path, error):
+        self.path = path
+        cause = _CAUSES.get(error.errno, error.strerror or str(error))
+        intact = (f"the previous {os.path.basename(path)} is whole" if os.path.exists(path) else
+                  "nothing was left half-written")
+        super().__init__(f"cannot write {path}: {cause}; {intact}")
+
+
+TMP_SUFFIX = ".tmp"
+
+
 def write_atomically(path, write):
     """Call write(file) on a temporary file beside `path`, flush it to disk, then rename it over `path`.
 
-    Readers see the old file or the new one, never half of either, even after a SIGKILL."""
+    Readers see the old file or the new one, never half of either, even after a SIGKILL. A write
+    that fails (a full disk, a read-only or lost file system) removes its temporary file and
+    raises WriteError."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; a checkpoint is as readable as any file
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=TMP_SUFFIX)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; a checkpoint is as readable as any file
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        _fsync_dir(folder)
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise WriteError(path, e) from None
         raise
-    _fsync_dir(folder)
+
+
+def remove_stray_temporaries(folder):
+    """Delete the temporary files of write_atomically that a killed run left in folder; their names."""
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(".") and n.endswith(TMP_SUFFIX)]
+    except OSError:
+        return []
+    for n in names:
+        os.unlink(os.path.join(folder, n))
+    return names
+
+
+class RunLock:
+    """An advisory lock on a run folder, held while this process lives: the kernel drops it when the
+    process ends, however it ends (a SIGKILL too), so a killed run never blocks the next one."""
+
+    NAME = ".train.lock"
+
+    def __init__(self, folder):
+        import fcntl
+        path = os.path.join(folder, self.NAME)
+        self.file = open(path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise UserError(f"--out {folder} is being written by another training run (process {holder}); "
+                            f"wait for it to end, stop it, or choose another --out") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(str(os.getpid()))
+        self.file.flush()
 
 
 def _on_cpu(obj):
@@ -124,7 +186,15 @@ def _on_cpu(obj):
 def save_checkpoint(path, state):
     # Tensors go to the CPU, so that a checkpoint written on a GPU loads on a machine without one.
     state = {"format": FORMAT, "format_version": FORMAT_VERSION, **_on_cpu(state)}
-    write_atomically(path, lambda f: torch.save(state, f))
+    write_atomically(path, lambda f: f.write(serialized(state)))
+
+
+def serialized(obj):
+    """torch.save's bytes, made in memory: a full disk then fails in a plain write, with its errno
+    (torch.save into a file turns it into an opaque RuntimeError of its zip writer)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getbuffer()
 
 
 def resolve_checkpoint_path(path):
@@ -189,12 +259,23 @@ def _first_line(error):
     return lines[0] if lines else "no detail"
 
 
-def check_architecture(saved: ModelConfig, requested: dict):
-    """Refuse flags that contradict the checkpoint's architecture, naming every differing field."""
-    diffs = [f"{k}: checkpoint has {getattr(saved, k)!r}, flags say {v!r}"
-             for k, v in requested.items() if v is not None and getattr(saved, k) != v]
+def _as_flag(field, value):
+    """A model-config field's value as the flag that sets it."""
+    if field == "readout":
+        return "--gamma below 1 (a readout discriminator)" if value else "--gamma 1 (no readout discriminator)"
+    if field == "channels":
+        return "a 1-channel --dataset (mnist, digits)" if value == 1 else "a 3-channel --dataset (cifar10, folders)"
+    return f"--{field.replace('_', '-')} {value}"
+
+
+def check_architecture(saved: ModelConfig, requested: dict, advice="drop those flags or give the checkpoint's"):
+    """Refuse flags that contradict the checkpoint's architecture, in the flags' words, naming each."""
+    diffs = [k for k, v in requested.items() if v is not None and getattr(saved, k) != v]
     if diffs:
-        raise CheckpointError("architecture mismatch with the checkpoint: " + "; ".join(diffs))
+        raise CheckpointError("this checkpoint was trained with " + ", ".join(_as_flag(k, getattr(saved, k))
+                                                                              for k in diffs)
+                              + "; the flags say " + ", ".join(_as_flag(k, requested[k]) for k in diffs)
+                              + f": {advice}")
 
 
 def networks_from_checkpoint(state, device="cpu"):
@@ -231,10 +312,26 @@ def load_networks(path, device, args=None):
     return state, networks_from_checkpoint(state, device)
 
 
+def add_release_flags(parser, flags):
+    """The original release's flags that this code has no use for, {"--name": (argparse keywords, why)}:
+    accepted, so that its command lines run, with a one-line note when given (note_release_flags)."""
+    g = parser.add_argument_group("the original release's flags, accepted without effect")
+    for name, (kwargs, why) in flags.items():
+        g.add_argument(name, default=None, help=why, **kwargs)
+    parser.set_defaults(release_flags={name: why for name, (_, why) in flags.items()})
+
+
+def note_release_flags(args):
+    for name, why in (vars(args).pop("release_flags", None) or {}).items():
+        if vars(args).pop(name.lstrip("-").replace("-", "_")) is not None:
+            print(f"note: {name} (the original release's) is accepted and has no effect: {why}", file=sys.stderr)
+
+
 def run_main(parser, check_args, run, argv=None):
     """A script's main: parse and check the flags, then run(args). A UserError or DataError (the
     user's input, not a bug) is one line on stderr and exit code 1, not a traceback."""
     args = parser.parse_args(argv)
+    note_release_flags(args)
     check_args(args, parser)
     try:
         return run(args)
@@ -268,5 +365,8 @@ def write_json(path, obj):
 
 
 def append_jsonl(path, obj):
-    with open(path, "a") as f:
-        f.write(json.dumps(obj) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(obj) + "\n")
+    except OSError as e:
+        raise WriteError(path, e) from None

@@ -183,8 +183,8 @@ def test_two_processes_hold_equal_parameters_equal_to_one_process_averaging_thei
     row = state["history"][0]
     for k in train.METRICS:
         assert row[k] == pytest.approx(sum(e["out"][k] for e in expected) / 4, rel=1e-6, abs=1e-9), k
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pth.tar", "config.json", "metrics.csv",
-                                                     "steps_rank0.pt", "steps_rank1.pt"]
+    assert sorted(p.name for p in out.iterdir()) == [".train.lock", "checkpoint.pth.tar", "config.json",
+                                                     "metrics.csv", "steps_rank0.pt", "steps_rank1.pt"]
 
 
 def test_a_signal_to_one_process_stops_both_at_one_step_and_torchrun_resumes_them_exactly(

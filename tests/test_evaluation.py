@@ -19,6 +19,7 @@ import generate_and_save_imgs as gen
 import models
 import SVM_classify_from_model as svm
 import train
+import utils
 from utils import CHECKPOINT_NAME, save_checkpoint
 
 
@@ -174,9 +175,9 @@ def test_architecture_mismatch_names_each_field(script, cifar, capsys):
     base = ["--path", ckpt, "--data", root] if script is svm else ["--path", ckpt]
     assert script.main(base + ["--n-filters", "8", "--noise-dim", "8", "--divisive-normalization", "False"]) == 1
     line = one_error_line(capsys)
-    assert "n_filters" in line and "divisive_normalization" in line and "noise_dim" not in line
+    assert "trained with --n-filters 4, --divisive-normalization True" in line and "noise-dim" not in line
     assert script.main(base + ["--dataset", "mnist"]) == 1
-    assert "channels" in one_error_line(capsys)
+    assert "a 3-channel --dataset" in one_error_line(capsys)
 
 
 @pytest.mark.parametrize("script", [gen, svm])
@@ -194,6 +195,37 @@ def test_bad_checkpoint_is_one_line(script, kind, mnist, tmp_path, capsys):
     assert script.main(["--path", str(path), "--out" if script is gen else "--data", str(tmp_path)]) == 1
     one_error_line(capsys)
     assert not any(f.endswith(".png") for f in os.listdir(tmp_path))
+
+
+def test_a_full_disk_or_a_missing_folder_is_one_line(mnist, tmp_path, capsys, monkeypatch):
+    import errno
+    root, ckpt = mnist
+    written = []
+
+    def full_after_two(image, path, *args, **kwargs):
+        if len(written) == 2:
+            with open(path, "wb") as f:  # PIL has begun the file when the disk fills
+                f.write(b"\x89PNG")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written.append(path)
+        real(image, path, *args, **kwargs)
+
+    real = Image.Image.save
+    monkeypatch.setattr(Image.Image, "save", full_after_two)
+    assert gen.main(["--path", ckpt, "--n-images", "5", "--out", str(tmp_path / "s")]) == 1
+    err = capsys.readouterr().err  # the progress bar, then the error
+    assert "Traceback" not in err and [line for line in err.splitlines() if "error: " in line] == [
+        f"error: cannot write {tmp_path}/s/00002.png: no space left on device; nothing was left half-written"]
+    assert sorted(os.listdir(tmp_path / "s")) == ["00000.png", "00001.png"]  # no half PNG
+    monkeypatch.undo()
+
+    # --json's folder is checked before any work; a write that fails later is one line too.
+    with pytest.raises(SystemExit):
+        svm.main(["--path", ckpt, "--data", root, "--json", str(tmp_path / "no" / "such" / "folder.jsonl")])
+    assert "--json" in capsys.readouterr().err
+    with pytest.raises(utils.WriteError, match="x.jsonl: read-only file system"):
+        monkeypatch.setattr("builtins.open", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EROFS, "")))
+        utils.append_jsonl(str(tmp_path / "x.jsonl"), {"a": 1})
 
 
 def test_missing_dataset_is_one_line(cifar, tmp_path, capsys, monkeypatch):

@@ -246,7 +246,14 @@ def test_checkpoint_of_another_architecture_is_refused(small_mnist, straight_run
     argv = common_args(small_mnist, tmp_path) + ["--resume", str(straight_run), "--n-filters", "8"]
     assert train.main(argv) == 1
     line = one_error_line(capsys.readouterr().err)
-    assert "architecture mismatch" in line and "n_filters: checkpoint has 4, flags say 8" in line
+    assert "trained with --n-filters 4; the flags say --n-filters 8" in line and "new run" in line
+
+
+def test_a_gamma_1_checkpoint_resumed_with_a_readout_says_which_flag(small_mnist, straight_run, tmp_path, capsys):
+    argv = common_args(small_mnist, tmp_path) + ["--resume", str(straight_run), "--gamma", "0.5"]
+    assert train.main(argv) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "trained with --gamma 1 (no readout discriminator)" in line and "--gamma below 1" in line
 
 
 # --- Bad arguments ------------------------------------------------------------------------------
@@ -401,3 +408,149 @@ def test_missing_dataset_file_is_named(dataset, victim, tmp_path, monkeypatch):
     monkeypatch.setattr(data.datasets, "MNIST" if dataset == "mnist" else "CIFAR10", offline)
     with pytest.raises(data.DataMissing, match=os.path.basename(victim)):
         data.load_in_memory(dataset, root, 32)
+
+
+# --- The file system: full disks, read-only folders, two runs in one folder ----------------------
+
+class FailingFile:
+    """A file whose writes fail with `code` once `budget` bytes are written (0: the first write), or
+    whose fsync fails (budget None): the first, a middle or the last write of a file."""
+
+    def __init__(self, f, code, budget):
+        self.f, self.code, self.budget = f, code, budget
+
+    def write(self, data):
+        if self.budget is not None and len(data) > self.budget:
+            self.f.write(bytes(memoryview(data)[:self.budget]))
+            raise OSError(self.code, os.strerror(self.code))
+        if self.budget is not None:
+            self.budget -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def failing_writes(monkeypatch, code, budget, name="checkpoint.pth.tar", after=0):
+    """From the (after+1)-th write of `name` on, its temporary file fails as FailingFile says."""
+    real_fdopen, real_fsync, seen = os.fdopen, os.fsync, {"writes": 0, "fail": False}
+
+    def fdopen(fd, *a, **k):
+        f = real_fdopen(fd, *a, **k)
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith("." + name):
+            seen["writes"] += 1
+            if seen["writes"] > after:
+                seen["fail"] = True
+                return FailingFile(f, code, budget)
+        seen["fail"] = False
+        return f
+
+    def fsync(fd):
+        if seen["fail"] and budget is None:
+            raise OSError(code, os.strerror(code))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(utils.os, "fdopen", fdopen)
+    monkeypatch.setattr(utils.os, "fsync", fsync)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name a file descriptor")
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_a_full_disk_during_a_checkpoint_write_stops_in_one_line_and_loses_nothing(where, small_mnist, tmp_path,
+                                                                                   capsys, monkeypatch):
+    import errno
+    budget = {"first": 0, "middle": 50_000, "last": None}[where]
+    failing_writes(monkeypatch, errno.ENOSPC, budget, after=1)  # epoch 1's checkpoint is written, epoch 2's fails
+    assert train.main(common_args(small_mnist, tmp_path, epochs=3)) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert f"cannot write {tmp_path}/checkpoint.pth.tar: no space left on device" in line
+    assert "it holds epoch 1" in line and "--resume" in line
+    assert utils.load_checkpoint(tmp_path)["epoch"] == 1  # whole, and the last one written
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name a file descriptor")
+def test_a_read_only_file_system_and_a_failing_sample_grid(small_mnist, tmp_path, capsys, monkeypatch):
+    import errno
+    failing_writes(monkeypatch, errno.EROFS, 0, name="config.json")
+    assert train.main(common_args(small_mnist, tmp_path / "ro", epochs=1)) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "config.json: read-only file system; nothing was left half-written" in line
+    monkeypatch.undo()
+
+    # A sample grid is not worth stopping for: said once, and the run goes on.
+    failing_writes(monkeypatch, errno.EIO, 0, name="imgs_epoch")
+    assert train.main(common_args(small_mnist, tmp_path / "grid", epochs=2) + ["--save-imgs"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("training goes on without sample grids") == 1 and "input/output error" in err
+    assert utils.load_checkpoint(tmp_path / "grid")["epoch"] == 2
+
+
+def test_stray_temporary_files_of_a_killed_run_are_removed_and_named(small_mnist, tmp_path, capsys):
+    tmp_path.joinpath("gen_images").mkdir()
+    stray = [tmp_path / ".checkpoint.pth.tar.k2x9q1ab.tmp", tmp_path / "gen_images" / ".imgs_epoch3.png.a1b2c3d4.tmp"]
+    for f in stray:
+        f.write_bytes(b"half a checkpoint")
+    assert train.main(common_args(small_mnist, tmp_path, epochs=1)) == 0
+    err = capsys.readouterr().err
+    assert "removed 2 temporary file(s)" in err and all(str(f) in err for f in stray)
+    assert not any(f.exists() for f in stray)
+
+
+def test_a_second_run_in_a_live_runs_folder_is_refused_until_that_run_dies(small_mnist, tmp_path, capsys):
+    proc, err, _ = start_training(common_args(small_mnist, tmp_path, epochs=1000))
+    try:
+        wait_for_steps(proc, err, 2)
+        assert train.main(common_args(small_mnist, tmp_path, epochs=1)) == 1
+        line = one_error_line(capsys.readouterr().err)
+        assert f"is being written by another training run (process {proc.pid})" in line
+    finally:
+        proc.kill()  # SIGKILL: no handler runs, the kernel drops the lock
+        proc.wait()
+    assert train.main(common_args(small_mnist, tmp_path, epochs=1)) == 0
+
+
+def test_gzipped_mnist_is_read_as_it_is(small_mnist, tmp_path):
+    import gzip
+    import shutil
+    raw = os.path.join(small_mnist, "MNIST", "raw")
+    zipped = tmp_path / "MNIST" / "raw"
+    zipped.mkdir(parents=True)
+    for name in os.listdir(raw):
+        with open(os.path.join(raw, name), "rb") as src, gzip.open(zipped / (name + ".gz"), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    plain, gz = data.load_in_memory("mnist", small_mnist, 32), data.load_in_memory("mnist", str(tmp_path), 32)
+    assert all(torch.equal(a, b) for a, b in zip(plain, gz))
+    # A cut-off .gz is named, as a cut-off plain file is.
+    victim = zipped / "train-labels-idx1-ubyte.gz"
+    victim.write_bytes(victim.read_bytes()[:20])
+    with pytest.raises(data.DataError, match="train-labels-idx1-ubyte.gz"):
+        data.load_in_memory("mnist", str(tmp_path), 32)
+
+
+def test_the_original_releases_flags_are_accepted_with_a_note(small_mnist, tmp_path, capsys):
+    import generate_and_save_imgs as gen
+    import SVM_classify_from_model as svm
+    assert train.main(common_args(small_mnist, tmp_path, epochs=1) + ["--detailed-logging"]) == 0
+    assert "note: --detailed-logging (the original release's) is accepted and has no effect" in capsys.readouterr().err
+    assert gen.main(["--path", str(tmp_path), "--n-images", "4", "--noise-type", "fixed"]) == 0
+    assert "note: --noise-type" in capsys.readouterr().err
+    assert svm.main(["--path", str(tmp_path), "--n-folds", "2", "--epochs", "1", "--lr", "1", "--opt", "sgd",
+                     "--wd", "0.001", "--lr-schedule", "--nonlinear"]) == 0
+    assert capsys.readouterr().err.count("note: ") == 5
+    # Every flag of the release's train.py is one of ours (taken from its parser, written out here).
+    release = ["-d", "--data", "--dataset", "--image-size", "-j", "--workers", "--seed", "--gpu",
+               "--multiprocessing-distributed", "--world-size", "--rank", "--dist-url", "--dist-backend", "--resume",
+               "-b", "--batch-size", "--lr-g", "--lr-d", "--learning-rate-discriminator", "--lr-e", "--lr-rd", "--wd",
+               "--weight-decay", "--beta1", "--beta2", "--epochs", "--gamma", "--noise-dim", "--n-filters", "--lamda",
+               "--lamda2", "--save-imgs", "--gradient-clipping", "--kl-from-sn", "--scale-gen-surprisal-by-D",
+               "--prioritized-replay", "--divisive-normalization", "--spectral-norm", "--detailed-logging",
+               "--lr-decay"]
+    ours = {s for a in train.get_parser()._actions for s in a.option_strings}
+    assert not set(release) - ours
