@@ -682,9 +682,9 @@ def train(args, group):
                         save_checkpoint(os.path.join(args.out, f"checkpoint_epoch{epoch + 1}.pth.tar"), state)
                     write_metrics_csv(os.path.join(args.out, "metrics.csv"), history)
                 except WriteError as e:
-                    held = f"it holds epoch {written}" if written else "it holds what was written before this run"
-                    raise UserError(f"{e}. Training stopped after epoch {epoch + 1}; {ckpt_path} is whole and "
-                                    f"{held}: {resume_hint(ckpt_path)} once the disk is fixed") from None
+                    held = f"epoch {written}" if written else "what was written before this run, if anything"
+                    raise UserError(f"{e}. Training stopped after epoch {epoch + 1}; {CHECKPOINT_NAME} holds {held}: "
+                                    f"{resume_hint(ckpt_path)} once the disk is fixed") from None
             stop = group.agreed_signal(interrupt.signal)  # it came during the epoch's last step or its bookkeeping
             if stop is not None:
                 if group.is_main:

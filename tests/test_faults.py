@@ -470,7 +470,7 @@ def test_a_full_disk_during_a_checkpoint_write_stops_in_one_line_and_loses_nothi
     assert train.main(common_args(small_mnist, tmp_path, epochs=3)) == 1
     line = one_error_line(capsys.readouterr().err)
     assert f"cannot write {tmp_path}/checkpoint.pth.tar: no space left on device" in line
-    assert "it holds epoch 1" in line and "--resume" in line
+    assert "checkpoint.pth.tar holds epoch 1" in line and "--resume" in line
     assert utils.load_checkpoint(tmp_path)["epoch"] == 1  # whole, and the last one written
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
 
