@@ -9,6 +9,7 @@ Two comparisons, because each process draws its own noise inside every pass:
 """
 import contextlib
 import copy
+import importlib.util
 import os
 import shutil
 import signal
@@ -183,8 +184,12 @@ def test_two_processes_hold_equal_parameters_equal_to_one_process_averaging_thei
     row = state["history"][0]
     for k in train.METRICS:
         assert row[k] == pytest.approx(sum(e["out"][k] for e in expected) / 4, rel=1e-6, abs=1e-9), k
-    assert sorted(p.name for p in out.iterdir()) == [".train.lock", "checkpoint.pth.tar", "config.json",
-                                                     "metrics.csv", "steps_rank0.pt", "steps_rank1.pt"]
+    written = {p.name for p in out.iterdir()}
+    events = {n for n in written if n.startswith("events.out.tfevents")}
+    assert len(events) == (importlib.util.find_spec("tensorboard") is not None)  # one writer: rank 0's
+    pictures = {"samples.png"} | ({"curves.png"} if importlib.util.find_spec("matplotlib") else set())
+    assert written - events == {".train.lock", "checkpoint.pth.tar", "config.json", "metrics.csv",
+                                "steps_rank0.pt", "steps_rank1.pt"} | pictures
 
 
 def test_a_signal_to_one_process_stops_both_at_one_step_and_torchrun_resumes_them_exactly(
@@ -257,8 +262,8 @@ def test_with_sync_bn_and_no_noise_the_averaged_gradient_is_the_global_batch_gra
 
     def same_z(nets, optimizers, x, hp, **kwargs):
         if not seen:
-            nets.generator.register_forward_pre_hook(
-                lambda module, inputs: (torch.cat([r[len(seen)]["z"] for r in ranks]),))
+            nets.generator.register_forward_pre_hook(  # the training steps' dreams, not the sample grids'
+                lambda module, inputs: (torch.cat([r[len(seen)]["z"] for r in ranks]),) if module.training else None)
         out = real(nets, optimizers, x, hp, **kwargs)
         seen.append({"grads": {k: p.grad.clone() for k, p in nets.named_parameters() if p.grad is not None},
                      "out": {k: v.item() for k, v in out.items()},

@@ -1,0 +1,123 @@
+"""What a run shows while and after it trains: TensorBoard curves (where the package is installed),
+the last sample grid, a figure of the curves, and a closing summary with the evaluation commands.
+
+None of it is needed to continue or evaluate a run (the checkpoint and metrics.csv are), so a
+failure here is said once and training goes on.
+"""
+import os
+import sys
+
+from utils import WriteError, save_grid, write_atomically
+
+GRID_NAME, CURVES_NAME = "samples.png", "curves.png"
+
+
+class TensorBoard:
+    """Event files in the run folder (`tensorboard --logdir RUN`) when `tensorboard` is importable."""
+
+    def __init__(self, folder, enabled=True):
+        self.writer = None
+        if not enabled:  # a process other than rank 0
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # torch's writer needs the tensorboard package; without it, nothing changes
+            return
+        try:
+            self.writer = SummaryWriter(log_dir=folder)
+        except OSError as e:
+            self._failed(e)
+
+    def _failed(self, error):
+        self.writer = None
+        print(f"warning: TensorBoard events cannot be written ({error}); training goes on without them",
+              file=sys.stderr)
+
+    def scalars(self, step, metrics):
+        """metrics: {name: float}, at the global step."""
+        if self.writer is None:
+            return
+        try:
+            for k, v in metrics.items():
+                self.writer.add_scalar(f"train/{k}", v, step)
+        except OSError as e:
+            self._failed(e)
+
+    def images(self, epoch, images):
+        """A grid of images in [-1, 1], (N, C, S, S)."""
+        if self.writer is None:
+            return
+        from torchvision.utils import make_grid
+        try:
+            self.writer.add_image("samples", make_grid(images.float().cpu().add(1).div(2).clamp(0, 1), nrow=10), epoch)
+            self.writer.flush()
+        except OSError as e:
+            self._failed(e)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+def plot_curves(history, path):
+    """The wake and sleep scores and the losses per epoch (history: metrics.csv's rows) as a PNG.
+    Returns False, having said how to get it, when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"note: pip install matplotlib for a figure of the curves ({os.path.basename(path)})", file=sys.stderr)
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [int(r["epoch"]) for r in history]
+    col = lambda k: [float(r[k]) for r in history]  # noqa: E731
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    axes[0].plot(epochs, col("d_wake"), label="D(wake)")
+    axes[0].plot(epochs, col("d_sleep"), label="D(sleep)")
+    axes[0].set_title("wake/sleep discriminator scores")
+    axes[1].plot(epochs, col("loss_d"), label="L_D (with penalties)")
+    axes[1].set_title("discriminator loss")
+    axes[2].plot(epochs, col("loss_g"), label="L_G")
+    axes[2].set_title("generator loss")
+    if any(col("loss_r")):
+        axes[2].plot(epochs, col("loss_r"), label="L_R")
+        axes[2].set_title("generator and readout losses")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+    return True
+
+
+def finish(args, history, samples):
+    """After the last epoch: the sample grid and the curves in the run folder, then the summary.
+    `samples`: G's images of the run's fixed noise, in [-1, 1]."""
+    out = args.out
+    made = {}
+    for name, write in ((GRID_NAME, lambda p: save_grid(samples, p)), (CURVES_NAME, lambda p: plot_curves(history, p))):
+        path = os.path.join(out, name)
+        try:
+            if write(path) is not False:
+                made[name] = path
+        except WriteError as e:
+            print(f"warning: {e}", file=sys.stderr)
+    print(summary(args, made))
+
+
+def summary(args, made):
+    """Where the run's files are, and the two commands that evaluate it, with its own paths (both
+    scripts read the dataset and its folder from the checkpoint)."""
+    out = args.out
+    quality = " --classifier-fd" if args.dataset in ("digits", "mnist") else ""
+    lines = [f"run folder {out}:",
+             f"  checkpoint  {os.path.join(out, 'checkpoint.pth.tar')}",
+             f"  metrics     {os.path.join(out, 'metrics.csv')}"]
+    lines += [f"  {'samples' if name == GRID_NAME else 'curves':<11} {path}" for name, path in made.items()]
+    lines += ["evaluate it:",
+              f"  python generate_and_save_imgs.py --path {out} --n-images 10000{quality}",
+              f"  python SVM_classify_from_model.py --path {out}"]
+    return "\n".join(lines)
