@@ -18,6 +18,18 @@ def state_gradients(scores, states):
     return torch.autograd.grad(scores.sum(), states, create_graph=True)
 
 
+def score_and_state_gradients(discriminator, states, create_graph=True):
+    """The plain path (--d-gradients autograd): D's score of states that are data, its gradient
+    w.r.t. them and that gradient's per-sample L1 norm, by autograd through Discriminator.forward
+    (a double backward when the norm is back-propagated). What Discriminator.score_and_state_gradients
+    writes out, for any D a researcher writes: slower, and nothing to port."""
+    with torch.enable_grad():
+        leaves = [h.detach().requires_grad_(True) for h in states]
+        score = discriminator(leaves)
+        grads = torch.autograd.grad(score.sum(), leaves, create_graph=create_graph)
+        return score, [g.detach() for g in grads], l1_norms(grads)
+
+
 def l1_norms(grads):
     """sum over state tensors of ||grad_b||_1, per sample: (B,)."""
     return sum(g.flatten(1).abs().sum(dim=1) for g in grads)

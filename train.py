@@ -85,6 +85,10 @@ def get_parser():
     g.add_argument("--update-order", default="alternating", choices=("alternating", "simultaneous"),
                    help="alternating (the release's): D steps; then R, and F following the stepped D; then G "
                         "following the stepped F and R. simultaneous: every gradient at the same weights")
+    g.add_argument("--d-gradients", default="written-out", choices=("written-out", "autograd"),
+                   help="how D's gradients w.r.t. the states (its penalty, F's adversarial gradient) are taken: "
+                        "written out for this D (fast), or autograd's double backward through "
+                        "Discriminator.forward (slower; works for any D you write)")
     g.add_argument("--lr-decay", type=int, default=10000, metavar="N",
                    help="a noise schedule despite the name: every N epochs divide all noise levels by 10")
     g = p.add_argument_group("run")
@@ -208,12 +212,14 @@ class StepConfig:
     gradient_clipping: float = 50.0
     amp: bool = False  # bf16 autocast of the forward passes
     update_order: str = "alternating"  # or "simultaneous" (training_step)
+    d_gradients: str = "written-out"  # or "autograd": how D's state gradients are taken (_d_terms)
 
     @classmethod
     def from_args(cls, args):
         return cls(gamma=args.gamma, lamda=args.lamda, lamda2=args.lamda2, kl_from_sn=args.kl_from_sn,
                    scale_by_d=args.scale_gen_surprisal_by_D, prioritized_replay=args.prioritized_replay,
-                   gradient_clipping=args.gradient_clipping, amp=args.amp, update_order=args.update_order)
+                   gradient_clipping=args.gradient_clipping, amp=args.amp, update_order=args.update_order,
+                   d_gradients=args.d_gradients)
 
 
 def make_optimizers(nets, args):
@@ -265,6 +271,14 @@ class StepTerms:
         return total
 
 
+def _d_terms(D, states, hp, graph=True):
+    """(score, state gradients, their per-sample L1 norms) of D at data states, by the path hp asks for;
+    graph=False: the state gradients alone are wanted (F following a stepped D)."""
+    if hp.d_gradients == "autograd":
+        return losses.score_and_state_gradients(D, states, create_graph=graph)
+    return D.score_and_state_gradients(states)
+
+
 def step_losses(nets, x, hp: StepConfig):
     """The forward passes and loss terms of one step, at the current parameters.
 
@@ -287,7 +301,7 @@ def step_losses(nets, x, hp: StepConfig):
     z = torch.randn(B, nets.cfg.noise_dim, 1, 1, device=x.device, dtype=x.dtype)
     g_wake = None
     if hp.gamma > 0:
-        d_wake, g_wake, l1_wake = D.score_and_state_gradients(_data(wake, x.dtype))
+        d_wake, g_wake, l1_wake = _d_terms(D, _data(wake, x.dtype), hp)
         d_wake = d_wake.to(x.dtype)
         if hp.prioritized_replay:
             # Replay the top layers of the wake samples D found least wake-like.
@@ -298,7 +312,7 @@ def step_losses(nets, x, hp: StepConfig):
 
     if hp.gamma > 0:
         # --- Discriminator: wake states high, sleep states low.
-        d_sleep, _, l1_sleep = D.score_and_state_gradients(_data(sleep, x.dtype))
+        d_sleep, _, l1_sleep = _d_terms(D, _data(sleep, x.dtype), hp)
         d_sleep = d_sleep.to(x.dtype)
         loss_d = losses.discriminator_loss(d_wake, d_sleep, losses.l1_gradient_penalty(l1_wake),
                                            losses.l1_gradient_penalty(l1_sleep), hp.gamma, hp.lamda)
@@ -416,7 +430,7 @@ def training_step(nets, optimizers, x, hp: StepConfig, check_finite=True, averag
     inference_follows = 0
     if t.state_grads is not None:
         with autocast, torch.no_grad():
-            _, state_grads, _ = D.score_and_state_gradients(_data(t.wake, x.dtype))
+            _, state_grads, _ = _d_terms(D, _data(t.wake, x.dtype), hp, graph=False)
         inference_follows = losses.inference_follows(t.wake, state_grads, hp.gamma)
     _backward(t.loss_rest + inference_follows, nets, ["readout", "inference", "generator"])
     _update(nets, optimizers, ["readout", "inference"], {}, hp, check_finite, average, stepped=["discriminator"])

@@ -97,6 +97,11 @@ def simultaneous_step(nets, optimizers, x, hp):
     train.training_step(nets, optimizers, x, dataclasses.replace(hp, update_order="simultaneous"))
 
 
+def autograd_d_step(nets, optimizers, x, hp):
+    # D's state gradients by autograd's double backward (--d-gradients autograd), the plain path.
+    train.training_step(nets, optimizers, x, dataclasses.replace(hp, d_gradients="autograd"))
+
+
 def unchecked_step(nets, optimizers, x, hp):
     # Without the finiteness check's one host synchronization per step: what that check costs.
     train.training_step(nets, optimizers, x, hp, check_finite=False)
@@ -244,7 +249,7 @@ def main():
         print(f"{dev} ({name}): float32 matmul {rate / 1e9:.1f} GFLOP/s (torch.mm {mm_rate / 1e9:.1f})")
         # (name, step, backend flags, what to do to the networks first)
         kinds = [("fast", fast_step, {}, None), ("fast+amp", amp_step, {}, None),
-                 ("fast, simultaneous", simultaneous_step, {}, None)]
+                 ("fast, simultaneous", simultaneous_step, {}, None), ("fast, autograd D", autograd_d_step, {}, None)]
         if dev == "cuda":
             kinds += [("fast+tf32", fast_step, {"matmul.allow_tf32": True, "cudnn.allow_tf32": True}, None),
                       ("fast, unchecked", unchecked_step, {}, None),

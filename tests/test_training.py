@@ -423,3 +423,30 @@ def test_a_non_finite_generator_phase_names_the_critics_that_stepped(monkeypatch
     for name in ("generator", "discriminator"):
         pairs = zip(nets.parts()[name].parameters(), before.parts()[name].parameters())
         assert all(torch.equal(a, b) for a, b in pairs) == (name == "generator"), name
+
+
+@pytest.mark.parametrize("order", ["alternating", "simultaneous"])
+@pytest.mark.parametrize("name", ["paper-mnist", "doubly-adversarial"])
+def test_the_plain_autograd_path_trains_as_the_written_out_one(name, order):
+    """--d-gradients autograd (double backward through Discriminator.forward, for a D of one's own)
+    against the written-out default: three steps with a learning rate, in float64."""
+    nets = _quiet_nets(readout=SETTINGS[name].gamma < 1, dtype=torch.float64)
+    x = torch.rand(6, 1, 32, 32, dtype=torch.float64) * 2 - 1
+    after = {}
+    for path in ("written-out", "autograd"):
+        hp = dataclasses.replace(SETTINGS[name], update_order=order, d_gradients=path)
+        run = copy.deepcopy(nets)
+        optimizers = {n: torch.optim.SGD(net.parameters(), lr=0.1) for n, net in run.parts().items()}
+        torch.manual_seed(3)
+        for _ in range(3):
+            train.training_step(run, optimizers, x, hp)
+        after[path] = run
+    for net_name in nets.parts():
+        for a, b in zip(after["autograd"].parts()[net_name].parameters(),
+                        after["written-out"].parts()[net_name].parameters()):
+            # Round-off of two orders of summation (~1e-12 a step), grown by three steps through BatchNorm
+            # and the L1 terms to ~1e-8; any real difference between the paths is orders larger.
+            assert (a - b).abs().max() <= 1e-6 * b.abs().max() + 1e-12, net_name
+    moved = max((a - b).abs().max().item() for a, b in zip(after["autograd"].discriminator.parameters(),
+                                                          nets.discriminator.parameters()))
+    assert moved > 1e-4  # the steps did something for the two paths to agree on
