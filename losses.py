@@ -13,7 +13,7 @@ def state_gradients(scores, states):
 
     Summing over the batch is right even though the minibatch-std feature couples
     samples: the gradient of the mean score is this divided by B. The training step has these
-    (and their L1 norms) written out by Discriminator.score_and_state_gradients; this autograd
+    (and their L1 norms) written out by discriminator_gradients.score_and_state_gradients; this autograd
     form is the definition the tests hold that to."""
     return torch.autograd.grad(scores.sum(), states, create_graph=True)
 
@@ -21,7 +21,7 @@ def state_gradients(scores, states):
 def score_and_state_gradients(discriminator, states, create_graph=True):
     """The plain path (--d-gradients autograd): D's score of states that are data, its gradient
     w.r.t. them and that gradient's per-sample L1 norm, by autograd through Discriminator.forward
-    (a double backward when the norm is back-propagated). What Discriminator.score_and_state_gradients
+    (a double backward when the norm is back-propagated). What discriminator_gradients
     writes out, for any D a researcher writes: slower, and nothing to port."""
     with torch.enable_grad():
         leaves = [h.detach().requires_grad_(True) for h in states]

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+import discriminator_gradients
 import distributed
 import losses
 import monitor
@@ -276,7 +277,7 @@ def _d_terms(D, states, hp, graph=True):
     graph=False: the state gradients alone are wanted (F following a stepped D)."""
     if hp.d_gradients == "autograd":
         return losses.score_and_state_gradients(D, states, create_graph=graph)
-    return D.score_and_state_gradients(states)
+    return discriminator_gradients.score_and_state_gradients(D, states)
 
 
 def step_losses(nets, x, hp: StepConfig):

@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import models  # noqa: E402
+import discriminator_gradients  # noqa: E402
 import train  # noqa: E402
 from data import TensorBatches  # noqa: E402
 from models import ModelConfig, Networks  # noqa: E402
@@ -153,7 +153,7 @@ def time_steps(step, nets, optimizers, hp, batch, device, steps, warmup=3):
 
 
 def _onednn_linear_flops(x, w, *args, out_val=None, **kwargs):
-    # mkldnn._linear_pointwise(X (M, K), [other,] W (N, K), ...): models._mm's CPU products
+    # mkldnn._linear_pointwise(X (M, K), [other,] W (N, K), ...): discriminator_gradients._mm's CPU products
     return 2 * x.size(0) * x.size(1) * out_val.size(1)
 
 
@@ -243,8 +243,8 @@ def main():
     for dev in devices:
         device = pick_device(dev)  # as train.py picks it (cuDNN autotuning on CUDA)
         name = torch.cuda.get_device_name(device) if dev == "cuda" else platform.processor() or "cpu"
-        # The step's own matrix products (models._mm: oneDNN on CPUs) set the rate; torch.mm's for comparison.
-        rate, mm_rate = matmul_rate(device, models._mm), matmul_rate(device, torch.mm)
+        # The step's own matrix products (oneDNN on CPUs) set the rate; torch.mm's for comparison.
+        rate, mm_rate = matmul_rate(device, discriminator_gradients._mm), matmul_rate(device, torch.mm)
         report["devices"][dev] = {"name": name, "matmul_tflops": rate / 1e12, "torch_mm_tflops": mm_rate / 1e12}
         print(f"{dev} ({name}): float32 matmul {rate / 1e9:.1f} GFLOP/s (torch.mm {mm_rate / 1e9:.1f})")
         # (name, step, backend flags, what to do to the networks first)

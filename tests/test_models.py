@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import DEVICES
+import discriminator_gradients
 from models import DeReLU, ModelConfig, Networks, divisive_norm, minibatch_stddev
 
 
@@ -56,7 +57,7 @@ TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5}
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("divisive", [False, True])
 def test_written_out_state_gradients_equal_double_backpropagation(divisive, dtype, device):
-    """D.score_and_state_gradients against autograd on D.forward: scores, state gradients, their L1
+    """The written-out score_and_state_gradients against autograd on D.forward: scores, state gradients, their L1
     norms, and the gradients w.r.t. D's parameters of a loss of scores and norms (second order)."""
     import losses
     torch.manual_seed(0)
@@ -77,7 +78,7 @@ def test_written_out_state_gradients_equal_double_backpropagation(divisive, dtyp
     ref_norms = losses.l1_norms(ref_grads)
     ref_params = torch.autograd.grad(loss(ref_scores, ref_norms), list(D.parameters()))
     torch.manual_seed(1)
-    scores, grads, norms = D.score_and_state_gradients(states)
+    scores, grads, norms = discriminator_gradients.score_and_state_gradients(D, states)
     params = torch.autograd.grad(loss(scores, norms), list(D.parameters()))
 
     tol = TOLERANCE[dtype]
@@ -167,8 +168,8 @@ def test_initialization_and_optional_parts():
 
 
 def test_fast_matrix_product_equals_torch_mm_for_every_layout():
-    """models._mm (oneDNN for float32 on CPUs) on dense, transposed and strided operands."""
-    from models import _mm
+    """discriminator_gradients._mm (oneDNN for float32 on CPUs) on dense, transposed and strided operands."""
+    from discriminator_gradients import _mm
     torch.manual_seed(0)
     a, b, wide = torch.randn(40, 70), torch.randn(70, 30), torch.randn(40, 100)
     cases = {"dense": (a, b), "a transposed": (a.t().contiguous().t(), b), "b transposed": (a, b.t().contiguous().t()),
