@@ -136,7 +136,7 @@ def get_parser():
 # for 1,500 small digits and a few minutes of a laptop's CPU (measured: README, "First run").
 DIGITS_DEFAULTS = {"n_filters": 16, "batch_size": 64, "epochs": 30, "gamma": 0.9, "lr_g": 2e-4, "lr_d": 1e-5,
                    "lr_e": 8e-4, "lr_rd": 1e-5, "beta1": 0.0, "beta2": 0.9, "lamda": 0.7, "lamda2": 7.0,
-                   "kl_from_sn": True, "divisive_normalization": True}
+                   "kl_from_sn": True, "divisive_normalization": True, "seed": 0}
 
 
 def parse_args(parser, argv=None):
