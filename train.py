@@ -148,7 +148,8 @@ def parse_args(parser, argv=None):
         # argparse fills in a default only where the namespace has no value yet: what stays unset was not given.
         given = parser.parse_args(argv, namespace=argparse.Namespace(**{k: unset for k in vars(args)}))
         for k, v in DIGITS_DEFAULTS.items():
-            if getattr(given, k) is unset:
+            # A resumed run keeps its checkpoint's seed unless one is given (train()).
+            if getattr(given, k) is unset and not (k == "seed" and args.resume):
                 setattr(args, k, v)
     return args
 

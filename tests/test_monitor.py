@@ -77,6 +77,8 @@ def test_the_first_run_defaults_and_explicit_flags_win():
     assert (mine.n_filters, mine.gamma, mine.batch_size, mine.lr_e) == (8, 1.0, 32, train.DIGITS_DEFAULTS["lr_e"])
     # A flag given at its own original default still wins over the digits default.
     assert train.parse_args(parser, ["--n-filters", "64"]).n_filters == 64
+    # A resumed run takes its seed from its checkpoint, not from the digits default.
+    assert train.parse_args(parser, ["--resume", "RUN"]).seed is None
 
 
 @pytest.mark.parametrize("dataset", ["mnist", "cifar10", "folder"])
