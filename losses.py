@@ -1,11 +1,16 @@
-"""Every term of the Adversarial Wake-Sleep training step, one small function each.
+"""The objective of Adversarial Wake-Sleep: every term of the training step, one small function
+each, and step_losses, the forward passes of one step that produce them.
 
 Notation of ../SPEC (and the paper): W = (x, h1..h5) a wake state from the inference
 network F, S = (h0..h5) a sleep state from the generator G, D the wake/sleep
 discriminator, R the readout discriminator on F's h4, sg() stop-gradient.
-The training loop in train.py owns backward() and the optimizer steps.
+The training loop in train.py owns backward(), the order of updates and the optimizer steps.
 """
+from dataclasses import dataclass
+
 import torch
+
+import discriminator_gradients
 
 
 def state_gradients(scores, states):
@@ -116,3 +121,135 @@ def inference_follows(wake, state_grads, gamma):
 def generator_follows(image, image_grad, gamma):
     """Gradient w.r.t. G of -(1 - gamma) mean R(F4(G(z))), given image_grad = d sum_b R(F4(u))_b / du."""
     return (image * image_grad.detach()).sum() * (-(1 - gamma) / image.size(0))
+
+
+# --- The objective of one step: every forward pass and term, at the current parameters --------------
+
+METRICS = ("loss_d", "loss_f", "loss_g", "loss_r", "d_wake", "d_sleep")
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    gamma: float = 1.0
+    lamda: float = 0.3
+    lamda2: float = 10.0
+    kl_from_sn: bool = False
+    scale_by_d: bool = False
+    prioritized_replay: bool = False
+    gradient_clipping: float = 50.0
+    amp: bool = False  # bf16 autocast of the forward passes
+    update_order: str = "alternating"  # or "simultaneous" (training_step)
+    d_gradients: str = "written-out"  # or "autograd": how D's state gradients are taken (d_terms)
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(gamma=args.gamma, lamda=args.lamda, lamda2=args.lamda2, kl_from_sn=args.kl_from_sn,
+                   scale_by_d=args.scale_gen_surprisal_by_D, prioritized_replay=args.prioritized_replay,
+                   gradient_clipping=args.gradient_clipping, amp=args.amp, update_order=args.update_order,
+                   d_gradients=args.d_gradients)
+
+
+def as_data(states, dtype):
+    # In the data's precision (float32 under --amp), so the penalties' gradients and norms are too.
+    return [h.detach().to(dtype) for h in states]
+
+
+@dataclass
+class StepTerms:
+    """The forward passes of one step, as step_losses leaves them for training_step."""
+    loss_d: torch.Tensor  # L_D: reaches D only
+    loss_rest: torch.Tensor  # L_R (R and F), F's KL term, G's prediction term
+    wake: list  # F's states of the batch, with F's graph
+    state_grads: list  # d sum_b D(W)_b / dW at the current D (None at gamma 0)
+    image: torch.Tensor  # G(z), with G's graph (None without a readout)
+    image_grad: torch.Tensor  # d sum_b R(F4(u))_b / du at u = sg G(z), current F and R (None without)
+    out: dict  # metrics as 0-d tensors
+
+    def simultaneous_total(self, gamma):
+        """One loss whose gradient w.r.t. each network is that network's gradient, every one
+        taken at the current weights: F and G follow the critics through the kept input-gradients."""
+        total = self.loss_d + self.loss_rest
+        if self.state_grads is not None:
+            total = total + inference_follows(self.wake, self.state_grads, gamma)
+        if self.image is not None:
+            total = total + generator_follows(self.image, self.image_grad, gamma)
+        return total
+
+
+def d_terms(D, states, hp, graph=True):
+    """(score, state gradients, their per-sample L1 norms) of D at data states, by the path hp asks for;
+    graph=False: the state gradients alone are wanted (F following a stepped D)."""
+    if hp.d_gradients == "autograd":
+        return score_and_state_gradients(D, states, create_graph=graph)
+    return discriminator_gradients.score_and_state_gradients(D, states)
+
+
+def step_losses(nets, x, hp: StepConfig):
+    """The forward passes and loss terms of one step, at the current parameters.
+
+    Every term reaches only its own network. Where a loss and its negation share a forward
+    pass (D and F on the wake state; R and G on the sleep image) the pass runs once, and the
+    input-gradient that the critic's penalty needs anyway is kept (state_grads, image_grad):
+    the simultaneous order hands it to the opposing network through a surrogate term
+    (inference_follows, generator_follows)."""
+    F, G, D, R = nets.inference, nets.generator, nets.discriminator, nets.readout
+    B = x.size(0)
+    zero = x.new_zeros(())
+    out = dict.fromkeys(METRICS, zero)
+
+    # --- Wake: the inference network samples a state from the data.
+    if R is not None:
+        x = x.detach().requires_grad_(True)  # P2 needs d R(F4(x)) / dx
+    wake = F(x)
+
+    # --- Sleep: the generator dreams a state from noise.
+    z = torch.randn(B, nets.cfg.noise_dim, 1, 1, device=x.device, dtype=x.dtype)
+    g_wake = None
+    if hp.gamma > 0:
+        d_wake, g_wake, l1_wake = d_terms(D, as_data(wake, x.dtype), hp)
+        d_wake = d_wake.to(x.dtype)
+        if hp.prioritized_replay:
+            # Replay the top layers of the wake samples D found least wake-like.
+            worst = d_wake.detach().argsort()[:B // 2]
+            z[:B // 2] = wake[5].detach()[worst]
+    with torch.set_grad_enabled(R is not None):  # without a readout, sleep states are only ever detached
+        sleep = G(z)
+
+    if hp.gamma > 0:
+        # --- Discriminator: wake states high, sleep states low.
+        d_sleep, _, l1_sleep = d_terms(D, as_data(sleep, x.dtype), hp)
+        d_sleep = d_sleep.to(x.dtype)
+        loss_d = discriminator_loss(d_wake, d_sleep, l1_gradient_penalty(l1_wake),
+                                           l1_gradient_penalty(l1_sleep), hp.gamma, hp.lamda)
+        if hp.scale_by_d:
+            loss_d = loss_d + centering_loss(d_wake, d_sleep)
+        # --- Inference, adversarial: gamma mean D(W); F follows it through g_wake (training_step).
+        loss_f = inference_adversarial_loss(d_wake, hp.gamma)
+
+        # --- Generator, predictive: each layer predicts the inferred layer below.
+        weights = surprisal_weights(d_wake) if hp.scale_by_d else None
+        prediction = hp.gamma * generator_prediction_loss(G, wake, weights)
+        out.update(loss_d=loss_d.detach(), d_wake=d_wake.detach().mean(), d_sleep=d_sleep.detach().mean())
+    else:
+        loss_d = loss_f = prediction = zero
+    loss_g, kl = prediction, zero
+    if hp.kl_from_sn:
+        kl = 1e-4 * kl_from_standard_normal(wake[5].to(x.dtype))
+        loss_f = loss_f + kl
+
+    loss_r, grad_fake = zero, None
+    if R is not None:
+        # --- Readout: R(F4(.)) is a WGAN-GP critic on images, trained with F.
+        r_real = R(wake[4]).to(x.dtype)
+        (grad_real,) = torch.autograd.grad(r_real.sum(), x, create_graph=True)
+        fake = sleep[0].detach().to(x.dtype).requires_grad_(True)
+        r_fake = R(F(fake, to_layer=4)[4]).to(x.dtype)
+        (grad_fake,) = torch.autograd.grad(r_fake.sum(), fake, create_graph=True)
+        loss_r = readout_critic_loss(r_real, r_fake, l2_gradient_penalty(grad_real),
+                                            l2_gradient_penalty(grad_fake), hp.gamma, hp.lamda2)
+        # Reported at the current F and R; G follows it through image_grad or a fresh pass (training_step).
+        loss_g = loss_g + generator_readout_loss(r_fake.detach(), hp.gamma)
+
+    out.update(loss_f=loss_f.detach(), loss_g=loss_g.detach(), loss_r=loss_r.detach())
+    return StepTerms(loss_d, loss_r + kl + prediction, wake, g_wake, sleep[0] if R is not None else None, grad_fake,
+                     out)

@@ -25,14 +25,13 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-import discriminator_gradients
 import distributed
 import losses
+from losses import METRICS, StepConfig, step_losses  # the step's objective
 import monitor
 from data import DATASETS, DataError, DataMissing, channels_of, make_batches, num_images
 from metrics import format_probe, layer_features, linear_probe
@@ -41,7 +40,6 @@ from utils import (CHECKPOINT_NAME, CheckpointError, RunLock, UserError, WriteEr
                    check_architecture, keep_freed_memory, load_checkpoint, note_release_flags,
                    remove_stray_temporaries, save_checkpoint, save_grid, write_json, write_metrics_csv)
 
-METRICS = ("loss_d", "loss_f", "loss_g", "loss_r", "d_wake", "d_sleep")
 
 
 def get_parser():
@@ -203,27 +201,6 @@ def model_config(args):
                        spectral_norm=args.spectral_norm, readout=args.gamma < 1)
 
 
-@dataclass(frozen=True)
-class StepConfig:
-    gamma: float = 1.0
-    lamda: float = 0.3
-    lamda2: float = 10.0
-    kl_from_sn: bool = False
-    scale_by_d: bool = False
-    prioritized_replay: bool = False
-    gradient_clipping: float = 50.0
-    amp: bool = False  # bf16 autocast of the forward passes
-    update_order: str = "alternating"  # or "simultaneous" (training_step)
-    d_gradients: str = "written-out"  # or "autograd": how D's state gradients are taken (_d_terms)
-
-    @classmethod
-    def from_args(cls, args):
-        return cls(gamma=args.gamma, lamda=args.lamda, lamda2=args.lamda2, kl_from_sn=args.kl_from_sn,
-                   scale_by_d=args.scale_gen_surprisal_by_D, prioritized_replay=args.prioritized_replay,
-                   gradient_clipping=args.gradient_clipping, amp=args.amp, update_order=args.update_order,
-                   d_gradients=args.d_gradients)
-
-
 def make_optimizers(nets, args):
     lrs = {"inference": args.lr_e, "generator": args.lr_g, "discriminator": args.lr_d, "readout": args.lr_rd}
     # fused: one kernel per parameter group instead of a dozen per tensor (CPU and CUDA)
@@ -244,112 +221,6 @@ class NonFiniteError(Exception):
         super().__init__(", ".join(terms))
         self.terms = terms
         self.stepped = list(stepped)
-
-
-def _data(states, dtype):
-    # In the data's precision (float32 under --amp), so the penalties' gradients and norms are too.
-    return [h.detach().to(dtype) for h in states]
-
-
-@dataclass
-class StepTerms:
-    """The forward passes of one step, as step_losses leaves them for training_step."""
-    loss_d: torch.Tensor  # L_D: reaches D only
-    loss_rest: torch.Tensor  # L_R (R and F), F's KL term, G's prediction term
-    wake: list  # F's states of the batch, with F's graph
-    state_grads: list  # d sum_b D(W)_b / dW at the current D (None at gamma 0)
-    image: torch.Tensor  # G(z), with G's graph (None without a readout)
-    image_grad: torch.Tensor  # d sum_b R(F4(u))_b / du at u = sg G(z), current F and R (None without)
-    out: dict  # metrics as 0-d tensors
-
-    def simultaneous_total(self, gamma):
-        """One loss whose gradient w.r.t. each network is that network's gradient, every one
-        taken at the current weights: F and G follow the critics through the kept input-gradients."""
-        total = self.loss_d + self.loss_rest
-        if self.state_grads is not None:
-            total = total + losses.inference_follows(self.wake, self.state_grads, gamma)
-        if self.image is not None:
-            total = total + losses.generator_follows(self.image, self.image_grad, gamma)
-        return total
-
-
-def _d_terms(D, states, hp, graph=True):
-    """(score, state gradients, their per-sample L1 norms) of D at data states, by the path hp asks for;
-    graph=False: the state gradients alone are wanted (F following a stepped D)."""
-    if hp.d_gradients == "autograd":
-        return losses.score_and_state_gradients(D, states, create_graph=graph)
-    return discriminator_gradients.score_and_state_gradients(D, states)
-
-
-def step_losses(nets, x, hp: StepConfig):
-    """The forward passes and loss terms of one step, at the current parameters.
-
-    Every term reaches only its own network. Where a loss and its negation share a forward
-    pass (D and F on the wake state; R and G on the sleep image) the pass runs once, and the
-    input-gradient that the critic's penalty needs anyway is kept (state_grads, image_grad):
-    the simultaneous order hands it to the opposing network through a surrogate term
-    (losses.inference_follows, losses.generator_follows)."""
-    F, G, D, R = nets.inference, nets.generator, nets.discriminator, nets.readout
-    B = x.size(0)
-    zero = x.new_zeros(())
-    out = dict.fromkeys(METRICS, zero)
-
-    # --- Wake: the inference network samples a state from the data.
-    if R is not None:
-        x = x.detach().requires_grad_(True)  # P2 needs d R(F4(x)) / dx
-    wake = F(x)
-
-    # --- Sleep: the generator dreams a state from noise.
-    z = torch.randn(B, nets.cfg.noise_dim, 1, 1, device=x.device, dtype=x.dtype)
-    g_wake = None
-    if hp.gamma > 0:
-        d_wake, g_wake, l1_wake = _d_terms(D, _data(wake, x.dtype), hp)
-        d_wake = d_wake.to(x.dtype)
-        if hp.prioritized_replay:
-            # Replay the top layers of the wake samples D found least wake-like.
-            worst = d_wake.detach().argsort()[:B // 2]
-            z[:B // 2] = wake[5].detach()[worst]
-    with torch.set_grad_enabled(R is not None):  # without a readout, sleep states are only ever detached
-        sleep = G(z)
-
-    if hp.gamma > 0:
-        # --- Discriminator: wake states high, sleep states low.
-        d_sleep, _, l1_sleep = _d_terms(D, _data(sleep, x.dtype), hp)
-        d_sleep = d_sleep.to(x.dtype)
-        loss_d = losses.discriminator_loss(d_wake, d_sleep, losses.l1_gradient_penalty(l1_wake),
-                                           losses.l1_gradient_penalty(l1_sleep), hp.gamma, hp.lamda)
-        if hp.scale_by_d:
-            loss_d = loss_d + losses.centering_loss(d_wake, d_sleep)
-        # --- Inference, adversarial: gamma mean D(W); F follows it through g_wake (training_step).
-        loss_f = losses.inference_adversarial_loss(d_wake, hp.gamma)
-
-        # --- Generator, predictive: each layer predicts the inferred layer below.
-        weights = losses.surprisal_weights(d_wake) if hp.scale_by_d else None
-        prediction = hp.gamma * losses.generator_prediction_loss(G, wake, weights)
-        out.update(loss_d=loss_d.detach(), d_wake=d_wake.detach().mean(), d_sleep=d_sleep.detach().mean())
-    else:
-        loss_d = loss_f = prediction = zero
-    loss_g, kl = prediction, zero
-    if hp.kl_from_sn:
-        kl = 1e-4 * losses.kl_from_standard_normal(wake[5].to(x.dtype))
-        loss_f = loss_f + kl
-
-    loss_r, grad_fake = zero, None
-    if R is not None:
-        # --- Readout: R(F4(.)) is a WGAN-GP critic on images, trained with F.
-        r_real = R(wake[4]).to(x.dtype)
-        (grad_real,) = torch.autograd.grad(r_real.sum(), x, create_graph=True)
-        fake = sleep[0].detach().to(x.dtype).requires_grad_(True)
-        r_fake = R(F(fake, to_layer=4)[4]).to(x.dtype)
-        (grad_fake,) = torch.autograd.grad(r_fake.sum(), fake, create_graph=True)
-        loss_r = losses.readout_critic_loss(r_real, r_fake, losses.l2_gradient_penalty(grad_real),
-                                            losses.l2_gradient_penalty(grad_fake), hp.gamma, hp.lamda2)
-        # Reported at the current F and R; G follows it through image_grad or a fresh pass (training_step).
-        loss_g = loss_g + losses.generator_readout_loss(r_fake.detach(), hp.gamma)
-
-    out.update(loss_f=loss_f.detach(), loss_g=loss_g.detach(), loss_r=loss_r.detach())
-    return StepTerms(loss_d, loss_r + kl + prediction, wake, g_wake, sleep[0] if R is not None else None, grad_fake,
-                     out)
 
 
 def _inf_norm(tensors):
@@ -432,7 +303,7 @@ def training_step(nets, optimizers, x, hp: StepConfig, check_finite=True, averag
     inference_follows = 0
     if t.state_grads is not None:
         with autocast, torch.no_grad():
-            _, state_grads, _ = _d_terms(D, _data(t.wake, x.dtype), hp, graph=False)
+            _, state_grads, _ = losses.d_terms(D, losses.as_data(t.wake, x.dtype), hp, graph=False)
         inference_follows = losses.inference_follows(t.wake, state_grads, hp.gamma)
     _backward(t.loss_rest + inference_follows, nets, ["readout", "inference", "generator"])
     _update(nets, optimizers, ["readout", "inference"], {}, hp, check_finite, average, stepped=["discriminator"])
