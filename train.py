@@ -406,228 +406,288 @@ def resume_hint(path):
     return f"continue with the same command and --resume {path}"
 
 
-def train(args, group):
-    """The training run of this process: the only one, or one of `group` (distributed.start)."""
-    device = group.device
-    cfg = model_config(args)
-    ckpt_path = os.path.join(args.out, CHECKPOINT_NAME)
+class Run:
+    """The training run of this process: the only one, or one of `group` (distributed.start).
 
-    resumed = load_checkpoint(args.resume, map_location=device) if args.resume else None
-    if resumed:
-        check_architecture(ModelConfig.from_dict(resumed["model"]), cfg.to_dict(),
-                           advice="resume it with the checkpoint's flags, or start a new run (no --resume)")
-        seed = resumed["seed"] if args.seed is None else args.seed
-    else:
-        seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31)
-    seed = group.from_main(seed)  # a drawn seed differs between processes; the data order must not
-    args.seed = seed
+    Run(args, group).train() -> exit code. Its parts, in the order they happen: _start (resume or
+    begin: seed, data, folder, networks), then per epoch _begin_epoch (its random state), _step
+    for each batch (refusing a non-finite one), _end_epoch (metrics, pictures, checkpoint), and
+    after the last, _finish (probe, pictures, summary)."""
 
-    # The last checks of the arguments need the data and the file system; nothing is written before them.
-    try:
-        batches = make_batches(args.dataset, args.data, args.image_size, args.batch_size // group.world_size, device,
-                               train=True, workers=args.workers, rank=group.rank, world_size=group.world_size)
-    except DataMissing as e:
-        raise BadArgument(f"--data {args.data}: {e}") from None
-    if len(batches) == 0:
-        raise BadArgument(f"--batch-size {args.batch_size} is larger than the {num_images(batches)} training images")
-    if group.is_main:  # the only process that writes
+    def __init__(self, args, group):
+        self.args, self.group, self.device = args, group, group.device
+        self.ckpt_path = os.path.join(args.out, CHECKPOINT_NAME)
+        self.grids, self.written = True, None  # sample grids still wanted; the epoch in ckpt_path this run wrote
+        self._start()
+        self.board = monitor.TensorBoard(args.out, enabled=group.is_main)
+        # A fixed noise, so that the sample grids of successive epochs are comparable.
+        self.fixed_z = torch.randn(100, self.cfg.noise_dim, 1, 1,
+                                   generator=torch.Generator().manual_seed(self.seed)).to(self.device)
+
+    def _start(self):
+        args, group = self.args, self.group
+        self.cfg = cfg = model_config(args)
+        self.resumed = resumed = load_checkpoint(args.resume, map_location=self.device) if args.resume else None
+        if resumed:
+            check_architecture(ModelConfig.from_dict(resumed["model"]), cfg.to_dict(),
+                               advice="resume it with the checkpoint's flags, or start a new run (no --resume)")
+            seed = resumed["seed"] if args.seed is None else args.seed
+        else:
+            seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31)
+        self.seed = args.seed = group.from_main(seed)  # a drawn seed differs between processes; the data order must not
+        self.batches = self._data()
+        if group.is_main:  # the only process that writes
+            self._claim_folder()
+        torch.manual_seed(self.seed)
+        self.nets = Networks(cfg).to(self.device)
+        if group.sync_bn:
+            distributed.convert_sync_batchnorm(self.nets)
+        self.optimizers = make_optimizers(self.nets, args)
+        self.hp = StepConfig.from_args(args)
+        self.start_epoch, self.start_step, self.history, self.partial, self.skipped = 0, 0, [], None, 0
+        if resumed:
+            self._resume(resumed)
+        group.broadcast_(self.nets)  # equal already (same seed, same file); now equal to the bit on any hardware
+        self.average = group.average if group.active else None
+
+    def _data(self):
+        # The last checks of the arguments need the data and the file system; nothing is written before them.
+        args, group = self.args, self.group
+        try:
+            batches = make_batches(args.dataset, args.data, args.image_size, args.batch_size // group.world_size,
+                                   self.device, train=True, workers=args.workers, rank=group.rank,
+                                   world_size=group.world_size)
+        except DataMissing as e:
+            raise BadArgument(f"--data {args.data}: {e}") from None
+        if len(batches) == 0:
+            raise BadArgument(f"--batch-size {args.batch_size} is larger than the {num_images(batches)} training "
+                              f"images")
+        return batches
+
+    def _claim_folder(self):
+        """--out writable, locked for this run, cleared of a killed run's temporary files; config.json."""
+        args = self.args
         try:
             os.makedirs(args.out, exist_ok=True)
             with tempfile.TemporaryFile(dir=args.out):
                 pass
         except OSError as e:
             raise BadArgument(f"--out {args.out} cannot be written ({e.strerror})") from None
-        lock = RunLock(args.out)  # noqa: F841  held until this function returns (or the process dies)
+        self.lock = RunLock(args.out)  # held while this process lives
         stray = [os.path.join(d, n) for d in (args.out, os.path.join(args.out, "gen_images"))
                  for n in remove_stray_temporaries(d)]
         if stray:
             print(f"removed {len(stray)} temporary file(s) that a killed run left half-written: {', '.join(stray)}",
                   file=sys.stderr)
-        write_json(os.path.join(args.out, "config.json"), {"model": cfg.to_dict(), "args": vars(args)})
+        write_json(os.path.join(args.out, "config.json"), {"model": self.cfg.to_dict(), "args": vars(args)})
 
-    torch.manual_seed(seed)
-    nets = Networks(cfg).to(device)
-    if group.sync_bn:
-        distributed.convert_sync_batchnorm(nets)
-    optimizers = make_optimizers(nets, args)
-    hp = StepConfig.from_args(args)
-    start_epoch, start_step, history, partial, skipped = 0, 0, [], None, 0
-    if resumed:
+    def _resume(self, resumed):
+        args = self.args
         try:
-            nets.load_state_dict(resumed["networks"])
-            for name, opt in optimizers.items():
+            self.nets.load_state_dict(resumed["networks"])
+            for name, opt in self.optimizers.items():
                 opt.load_state_dict(resumed["optimizers"][name])
-            start_epoch, start_step, history = resumed["epoch"], resumed["step"], resumed["history"]
-            partial, skipped = resumed.get("partial"), resumed.get("skipped_steps", 0)
+            self.start_epoch, self.start_step, self.history = resumed["epoch"], resumed["step"], resumed["history"]
+            self.partial, self.skipped = resumed.get("partial"), resumed.get("skipped_steps", 0)
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{args.resume} cannot be resumed: {e.__class__.__name__}: {e}") from None
-        if partial is not None:
+        if self.partial is not None:
             # The step count inside the epoch means the same batches only with the same data and batch size.
             saved = {k: resumed["config"].get(k) for k in ("dataset", "batch_size")}
             changed = [f"--{k.replace('_', '-')} {saved[k]} (not {getattr(args, k)})"
                        for k in saved if saved[k] != getattr(args, k)]
             if changed:
-                raise CheckpointError(f"{args.resume} stopped inside epoch {start_epoch + 1}; continuing it "
+                raise CheckpointError(f"{args.resume} stopped inside epoch {self.start_epoch + 1}; continuing it "
                                       f"needs {', '.join(changed)}")
-        if group.is_main:
-            print(f"resumed from {args.resume}: {start_epoch} epochs"
-                  + (f" and {start_step} steps" if start_step else ""))
-    group.broadcast_(nets)  # equal already (same seed, same file); now equal to the bit on any hardware
-    average = group.average if group.active else None
+        if self.group.is_main:
+            print(f"resumed from {args.resume}: {self.start_epoch} epochs"
+                  + (f" and {self.start_step} steps" if self.start_step else ""))
 
-    # A fixed noise, so that the sample grids of successive epochs are comparable.
-    fixed_z = torch.randn(100, cfg.noise_dim, 1, 1, generator=torch.Generator().manual_seed(seed)).to(device)
+    def train(self):
+        with Interrupt() as self.interrupt:
+            for epoch in range(self.start_epoch, self.args.epochs):
+                stop = self._epoch(epoch)
+                if stop is not None:
+                    return 128 + stop
+        self.group.barrier()  # rank 0's last checkpoint is whole
+        if self.group.is_main:  # the probe runs once, on rank 0
+            self._finish()
+        return 0
 
-    def save_inside_epoch(path, epoch, step):
+    def _begin_epoch(self, epoch):
+        """The epoch's random state and metric sums: at an epoch boundary, or where an interrupted epoch stopped."""
+        args, group, partial = self.args, self.group, self.partial
+        if partial is None:  # an epoch boundary
+            if epoch > 0 and args.lr_decay and epoch % args.lr_decay == 0:
+                self.nets.decay_noise(10.0)
+            torch.manual_seed(distributed.rank_seed(epoch_seed(self.seed, epoch), group.rank))
+            self.sums = {k: torch.zeros((), device=self.device) for k in METRICS}
+            self.epoch_skipped = 0
+            return
+        rngs = self.resumed.get("rng_by_rank", [self.resumed["rng"]])
+        if len(rngs) == group.world_size:
+            torch.set_rng_state(rngs[group.rank]["cpu"].cpu())
+            if rngs[group.rank]["cuda"] and self.device.type == "cuda":
+                torch.cuda.set_rng_state_all([s.cpu() for s in rngs[group.rank]["cuda"]])
+        else:
+            # Stopped with another number of processes. The global batches go on where they stopped,
+            # but random streams cannot be split or merged: each process starts a new one, numbered
+            # past the ranks' own.
+            torch.manual_seed(distributed.rank_seed(epoch_seed(self.seed, epoch),
+                                                    group.rank + group.world_size * self.start_step))
+            if group.is_main:
+                print(f"{args.resume} stopped inside an epoch with {len(rngs)} processes, not "
+                      f"{group.world_size}: the rest of epoch {epoch + 1} draws other noise than the "
+                      f"uninterrupted run would have", file=sys.stderr)
+        self.sums = {k: torch.as_tensor(partial[k], device=self.device) for k in METRICS}
+        self.epoch_skipped = partial.get("skipped", 0)
+
+    def _epoch(self, epoch):
+        """The steps of one epoch and its bookkeeping; the signal that stopped it, or None."""
+        group, batches = self.group, self.batches
+        self._begin_epoch(epoch)
+        batches.set_epoch(self.seed, epoch)
+        t0 = time.time()
+        remaining = itertools.islice(iter(batches), self.start_step, None)
+        bar = tqdm(remaining, desc=f"epoch {epoch + 1}/{self.args.epochs}", initial=self.start_step,
+                   total=len(batches), dynamic_ncols=True, disable=not group.is_main)
+        step = self.start_step
+        for step, (x, _) in enumerate(bar, start=self.start_step + 1):
+            if batches.may_skip and not group.all_true(x is not None):
+                self.epoch_skipped += 1  # some process read too few images of its shard: all skip the step
+                continue
+            out = self._step(x, epoch, step, bar)
+            if out is None:
+                continue
+            for k in METRICS:
+                self.sums[k] += out[k]
+            if group.is_main and (step % 10 == 0 or step == len(batches)):
+                good = step - self.epoch_skipped
+                bar.set_postfix({k: f"{v.item() / good:.3g}" for k, v in self.sums.items()}, refresh=False)
+                self.board.scalars(epoch * len(batches) + step, {k: v.item() for k, v in out.items()})
+            stop = group.agreed_signal(self.interrupt.signal)  # every process stops at the same step
+            if stop is not None:
+                bar.close()
+                self._save_inside_epoch(self.ckpt_path, epoch, step)
+                if group.is_main:
+                    print(f"saved {self.ckpt_path} at epoch {epoch + 1}, step {step}; "
+                          f"{resume_hint(self.ckpt_path)}", file=sys.stderr)
+                return stop
+        bar.close()
+        self.start_step, self.partial = 0, None
+        self._end_epoch(epoch, step - self.epoch_skipped, time.time() - t0)
+        stop = group.agreed_signal(self.interrupt.signal)  # it came during the epoch's last step or its bookkeeping
+        if stop is not None and group.is_main:
+            print(f"saved {self.ckpt_path} after epoch {epoch + 1}; {resume_hint(self.ckpt_path)}", file=sys.stderr)
+        return stop
+
+    def _step(self, x, epoch, step, bar):
+        """One training step; None if it was non-finite and skipped (--skip-nonfinite)."""
+        args, nets = self.args, self.nets
+        # The forward pass moves BatchNorm statistics and spectral-norm estimates: keep them, so that a
+        # step refused as non-finite leaves no trace.
+        buffers = [b.clone() for b in nets.buffers()]
+        try:
+            return training_step(nets, self.optimizers, x, self.hp, average=self.average)
+        except NonFiniteError as e:
+            with torch.no_grad():
+                for b, kept in zip(nets.buffers(), buffers):
+                    b.copy_(kept)
+            where = f"epoch {epoch + 1}, step {step}"
+            # The alternating order steps the critics before their opponents' gradients exist.
+            part = f" ({', '.join(e.stepped)} had already stepped, the other networks did not)" if e.stepped else ""
+            if self.skipped < args.skip_nonfinite:
+                self.skipped += 1
+                self.epoch_skipped += 1
+                if self.group.is_main:
+                    bar.write(f"skipped {where}: non-finite {e}{part} ({self.skipped} of --skip-nonfinite "
+                              f"{args.skip_nonfinite})", file=sys.stderr)
+                return None
+            bar.close()
+            # The bad update was not applied: in memory is the last good state (but for `e.stepped`).
+            bad_path = os.path.join(args.out, "nonfinite_state.pth.tar")
+            self._save_inside_epoch(bad_path, epoch, step - 1)
+            state = ("The state before that step" if not e.stepped else
+                     f"The state with {', '.join(e.stepped)} stepped and the other networks not")
+            raise UserError(f"non-finite {e} at {where}. {state} is in {bad_path}, and {self.ckpt_path} is "
+                            f"untouched: resume from either with lower learning rates, or allow a few bad steps "
+                            f"with --skip-nonfinite N") from None
+
+    def _save_inside_epoch(self, path, epoch, step):
         """A checkpoint `step` steps into `epoch`: with the epoch's metric sums so far and every
         process's random state, so that --resume goes on exactly from there."""
-        partial = {**{k: v.item() for k, v in sums.items()}, "skipped": epoch_skipped}
-        rngs = group.rng_states()
-        if group.is_main:
-            save_checkpoint(path, checkpoint_state(args, nets, optimizers, seed, epoch, step, history, partial,
-                                                   skipped=skipped, rngs=rngs))
-        group.barrier()
+        partial = {**{k: v.item() for k, v in self.sums.items()}, "skipped": self.epoch_skipped}
+        rngs = self.group.rng_states()
+        if self.group.is_main:
+            save_checkpoint(path, self._state(epoch, step, partial=partial, rngs=rngs))
+        self.group.barrier()
 
-    grids, written = True, None  # sample grids still wanted; the epoch in ckpt_path, once this run wrote it
-    board = monitor.TensorBoard(args.out) if group.is_main else monitor.TensorBoard(None, enabled=False)
-    with Interrupt() as interrupt:
-        for epoch in range(start_epoch, args.epochs):
-            if partial is None:  # an epoch boundary
-                if epoch > 0 and args.lr_decay and epoch % args.lr_decay == 0:
-                    nets.decay_noise(10.0)
-                torch.manual_seed(distributed.rank_seed(epoch_seed(seed, epoch), group.rank))
-                sums = {k: torch.zeros((), device=device) for k in METRICS}
-                epoch_skipped = 0
-            else:  # continue inside an interrupted epoch, exactly where it stopped
-                rngs = resumed.get("rng_by_rank", [resumed["rng"]])
-                if len(rngs) == group.world_size:
-                    torch.set_rng_state(rngs[group.rank]["cpu"].cpu())
-                    if rngs[group.rank]["cuda"] and device.type == "cuda":
-                        torch.cuda.set_rng_state_all([s.cpu() for s in rngs[group.rank]["cuda"]])
-                else:
-                    # Stopped with another number of processes. The global batches go on where they
-                    # stopped, but random streams cannot be split or merged: each process starts a new
-                    # one, numbered past the ranks' own.
-                    torch.manual_seed(distributed.rank_seed(epoch_seed(seed, epoch),
-                                                            group.rank + group.world_size * start_step))
-                    if group.is_main:
-                        print(f"{args.resume} stopped inside an epoch with {len(rngs)} processes, not "
-                              f"{group.world_size}: the rest of epoch {epoch + 1} draws other noise than the "
-                              f"uninterrupted run would have", file=sys.stderr)
-                sums = {k: torch.as_tensor(partial[k], device=device) for k in METRICS}
-                epoch_skipped = partial.get("skipped", 0)
-            batches.set_epoch(seed, epoch)
-            t0 = time.time()
-            remaining = itertools.islice(iter(batches), start_step, None)
-            bar = tqdm(remaining, desc=f"epoch {epoch + 1}/{args.epochs}", initial=start_step, total=len(batches),
-                       dynamic_ncols=True, disable=not group.is_main)
-            step = start_step
-            for step, (x, _) in enumerate(bar, start=start_step + 1):
-                if batches.may_skip and not group.all_true(x is not None):
-                    epoch_skipped += 1  # some process read too few images of its shard: all skip the step
-                    continue
-                # The forward pass moves BatchNorm statistics and spectral-norm estimates: keep them,
-                # so that a step refused as non-finite leaves no trace.
-                buffers = [b.clone() for b in nets.buffers()]
-                try:
-                    out = training_step(nets, optimizers, x, hp, average=average)
-                except NonFiniteError as e:
-                    with torch.no_grad():
-                        for b, kept in zip(nets.buffers(), buffers):
-                            b.copy_(kept)
-                    where = f"epoch {epoch + 1}, step {step}"
-                    # The alternating order steps the critics before their opponents' gradients exist.
-                    part = (f" ({', '.join(e.stepped)} had already stepped, the other networks did not)"
-                            if e.stepped else "")
-                    if skipped < args.skip_nonfinite:
-                        skipped += 1
-                        epoch_skipped += 1
-                        if group.is_main:
-                            bar.write(f"skipped {where}: non-finite {e}{part} ({skipped} of --skip-nonfinite "
-                                      f"{args.skip_nonfinite})", file=sys.stderr)
-                        continue
-                    bar.close()
-                    # The bad update was not applied: in memory is the last good state (but for `e.stepped`).
-                    bad_path = os.path.join(args.out, "nonfinite_state.pth.tar")
-                    save_inside_epoch(bad_path, epoch, step - 1)
-                    state = ("The state before that step" if not e.stepped else
-                             f"The state with {', '.join(e.stepped)} stepped and the other networks not")
-                    raise UserError(f"non-finite {e} at {where}. {state} is in {bad_path}, "
-                                    f"and {ckpt_path} is untouched: resume from either with lower learning rates, "
-                                    f"or allow a few bad steps with --skip-nonfinite N") from None
-                for k in METRICS:
-                    sums[k] += out[k]
-                good = step - epoch_skipped
-                if group.is_main and (step % 10 == 0 or step == len(batches)):
-                    bar.set_postfix({k: f"{v.item() / good:.3g}" for k, v in sums.items()}, refresh=False)
-                    board.scalars(epoch * len(batches) + step, {k: v.item() for k, v in out.items()})
-                stop = group.agreed_signal(interrupt.signal)  # every process stops at the same step
-                if stop is not None:
-                    bar.close()
-                    save_inside_epoch(ckpt_path, epoch, step)
-                    if group.is_main:
-                        print(f"saved {ckpt_path} at epoch {epoch + 1}, step {step}; {resume_hint(ckpt_path)}",
-                              file=sys.stderr)
-                    return 128 + stop
-            bar.close()
-            start_step, partial = 0, None
-            good = step - epoch_skipped
-            unreadable = group.total(batches.skipped)
-            if unreadable and group.is_main:
-                print(f"epoch {epoch + 1}: skipped {unreadable} unreadable images (named above)", file=sys.stderr)
-            if epoch_skipped and group.is_main:
-                what = "steps (non-finite, or too few readable images on a process)" if batches.may_skip else \
-                    "non-finite steps"
-                print(f"epoch {epoch + 1}: skipped {epoch_skipped} {what}", file=sys.stderr)
-            if good == 0:
-                raise UserError(f"epoch {epoch + 1} trained no step: every batch was unreadable or non-finite")
-            # The metrics were averaged over the processes at every step: every process holds the same row.
-            row = {"epoch": epoch + 1, "steps": good, **{k: v.item() / good for k, v in sums.items()},
-                   "sigma": nets.inference.sigma.item(), "seconds": round(time.time() - t0, 3)}
-            history.append(row)
-            if group.is_main:
-                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-                if board.writer is not None:
-                    board.images(epoch + 1, samples_of(nets.generator, fixed_z))
-                if args.save_imgs and grids:
-                    try:  # a picture is not worth stopping the run for
-                        save_samples(nets.generator, fixed_z, os.path.join(args.out, "gen_images",
-                                                                           f"imgs_epoch{epoch + 1}.png"))
-                    except WriteError as e:
-                        grids = False
-                        print(f"warning: {e}; training goes on without sample grids", file=sys.stderr)
-                state = checkpoint_state(args, nets, optimizers, seed, epoch + 1, 0, history, skipped=skipped)
-                try:
-                    save_checkpoint(ckpt_path, state)
-                    written = epoch + 1
-                    if args.save_every and (epoch + 1) % args.save_every == 0:
-                        save_checkpoint(os.path.join(args.out, f"checkpoint_epoch{epoch + 1}.pth.tar"), state)
-                    write_metrics_csv(os.path.join(args.out, "metrics.csv"), history)
-                except WriteError as e:
-                    held = f"epoch {written}" if written else "what was written before this run, if anything"
-                    raise UserError(f"{e}. Training stopped after epoch {epoch + 1}; {CHECKPOINT_NAME} holds {held}: "
-                                    f"{resume_hint(ckpt_path)} once the disk is fixed") from None
-            stop = group.agreed_signal(interrupt.signal)  # it came during the epoch's last step or its bookkeeping
-            if stop is not None:
-                if group.is_main:
-                    print(f"saved {ckpt_path} after epoch {epoch + 1}; {resume_hint(ckpt_path)}", file=sys.stderr)
-                return 128 + stop
+    def _state(self, epoch, step, **kwargs):
+        return checkpoint_state(self.args, self.nets, self.optimizers, self.seed, epoch, step, self.history,
+                                skipped=self.skipped, **kwargs)
 
-    group.barrier()  # rank 0's last checkpoint is whole
-    if not group.is_main:
-        return 0  # the probe runs once, on rank 0
-    # After training, or when resuming a run that stopped between its last epoch and the probe; a
-    # resumed run that trains more epochs needs a new probe, its old one describes other weights.
-    if args.probe_folds and (start_epoch < args.epochs or not (resumed and resumed.get("probe"))):
-        probe = run_probe(nets, args, device)
-        if probe:
-            print("linear decoding accuracy per layer (test split, %d-fold):" % args.probe_folds)
-            print(format_probe(probe))
-            save_checkpoint(ckpt_path, checkpoint_state(args, nets, optimizers, seed, args.epochs, 0, history,
-                                                        probe=probe, skipped=skipped))
-    board.close()
-    monitor.finish(args, history, samples_of(nets.generator, fixed_z))
-    return 0
+    def _end_epoch(self, epoch, good, seconds):
+        """The epoch's metrics row; on rank 0 its pictures, checkpoint and metrics.csv."""
+        args, group = self.args, self.group
+        unreadable = group.total(self.batches.skipped)
+        if unreadable and group.is_main:
+            print(f"epoch {epoch + 1}: skipped {unreadable} unreadable images (named above)", file=sys.stderr)
+        if self.epoch_skipped and group.is_main:
+            what = "steps (non-finite, or too few readable images on a process)" if self.batches.may_skip else \
+                "non-finite steps"
+            print(f"epoch {epoch + 1}: skipped {self.epoch_skipped} {what}", file=sys.stderr)
+        if good == 0:
+            raise UserError(f"epoch {epoch + 1} trained no step: every batch was unreadable or non-finite")
+        # The metrics were averaged over the processes at every step: every process holds the same row.
+        row = {"epoch": epoch + 1, "steps": good, **{k: v.item() / good for k, v in self.sums.items()},
+               "sigma": self.nets.inference.sigma.item(), "seconds": round(seconds, 3)}
+        self.history.append(row)
+        if not group.is_main:
+            return
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        self._pictures(epoch)
+        state = self._state(epoch + 1, 0)
+        try:
+            save_checkpoint(self.ckpt_path, state)
+            self.written = epoch + 1
+            if args.save_every and (epoch + 1) % args.save_every == 0:
+                save_checkpoint(os.path.join(args.out, f"checkpoint_epoch{epoch + 1}.pth.tar"), state)
+            write_metrics_csv(os.path.join(args.out, "metrics.csv"), self.history)
+        except WriteError as e:
+            held = f"epoch {self.written}" if self.written else "what was written before this run, if anything"
+            raise UserError(f"{e}. Training stopped after epoch {epoch + 1}; {CHECKPOINT_NAME} holds {held}: "
+                            f"{resume_hint(self.ckpt_path)} once the disk is fixed") from None
+
+    def _pictures(self, epoch):
+        """The epoch's sample grid, to TensorBoard and with --save-imgs to gen_images/: not worth stopping for."""
+        if self.board.writer is not None:
+            self.board.images(epoch + 1, samples_of(self.nets.generator, self.fixed_z))
+        if self.args.save_imgs and self.grids:
+            try:
+                save_samples(self.nets.generator, self.fixed_z,
+                             os.path.join(self.args.out, "gen_images", f"imgs_epoch{epoch + 1}.png"))
+            except WriteError as e:
+                self.grids = False
+                print(f"warning: {e}; training goes on without sample grids", file=sys.stderr)
+
+    def _finish(self):
+        """After training, or when resuming a run that stopped between its last epoch and the probe: the
+        probe (a resumed run that trained more epochs needs a new one: its old one describes other
+        weights), then the last pictures and the summary."""
+        args, resumed = self.args, self.resumed
+        if args.probe_folds and (self.start_epoch < args.epochs or not (resumed and resumed.get("probe"))):
+            probe = run_probe(self.nets, args, self.device)
+            if probe:
+                print("linear decoding accuracy per layer (test split, %d-fold):" % args.probe_folds)
+                print(format_probe(probe))
+                save_checkpoint(self.ckpt_path, self._state(args.epochs, 0, probe=probe))
+        self.board.close()
+        monitor.finish(args, self.history, samples_of(self.nets.generator, self.fixed_z))
+
+
+def train(args, group):
+    """The training run of this process (see Run); its exit code."""
+    return Run(args, group).train()
 
 
 def main(argv=None):
