@@ -243,12 +243,18 @@ def test_missing_dataset_is_one_line(cifar, tmp_path, capsys, monkeypatch):
 
 # --- the linear probe
 
-def test_probe_separable_classes_and_shuffled_labels(mnist, tmp_path, monkeypatch):
-    root, ckpt = mnist
+def images_through_inference(monkeypatch):
+    """A list that gets the batch size of every pass of the inference network from now on."""
     seen = []
     forward = models.Inference.forward
     monkeypatch.setattr(models.Inference, "forward", lambda self, x, *a, **k: seen.append(len(x)) or forward(
         self, x, *a, **k))
+    return seen
+
+
+def test_probe_separable_classes_and_shuffled_labels(mnist, tmp_path, monkeypatch):
+    root, ckpt = mnist
+    seen = images_through_inference(monkeypatch)
     out = tmp_path / "probe.jsonl"
     flags = ["--path", ckpt, "--epochs", "5", "--n-folds", "10", "--json", str(out)]
     assert svm.main(flags + ["--data", root]) == 0
@@ -269,10 +275,7 @@ def test_probe_separable_classes_and_shuffled_labels(mnist, tmp_path, monkeypatc
 
 def test_probe_with_features_resampled_every_pass(mnist, tmp_path, monkeypatch):
     root, ckpt = mnist
-    seen = []
-    forward = models.Inference.forward
-    monkeypatch.setattr(models.Inference, "forward", lambda self, x, *a, **k: seen.append(len(x)) or forward(
-        self, x, *a, **k))
+    seen = images_through_inference(monkeypatch)
     out = tmp_path / "probe.jsonl"
     assert svm.main(["--path", ckpt, "--data", root, "--epochs", "2", "--n-folds", "4", "-b", "64",
                      "--resample-features", "--json", str(out)]) == 0
