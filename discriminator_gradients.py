@@ -2,14 +2,18 @@
 
 `score_and_state_gradients(D, states)` returns, for a models.Discriminator D and states that are
 data, what autograd would give from D.forward: the score (B,), d sum_b score_b / d h_l for each
-layer, and that gradient's L1 norm per sample, the score and the norms differentiable w.r.t. D's
-parameters. Autograd takes the norms' gradient by a double backward through D.forward; here the
-state gradient is written out (back through the score's row-wise normalization and LeakyReLU by
-their closed forms, then through the pair Linears and the minibatch-std features), and the norm's
-backward is hand-written: it multiplies sign(gradient) into the weights. Exact because D's state
-gradient is linear in its weights given the LeakyReLU's slopes and the normalization's Jacobian,
-which the forward pass fixes. D's pair weights are regrouped by layer (_LayerBlocks) so that each
-product is one dense matrix product; float32 CPU products go to oneDNN (_mm).
+layer, and that gradient's L1 norm per sample; the score and the norms carry the gradients w.r.t.
+D's parameters that D(states) and the norm of autograd.grad(..., create_graph=True) would.
+
+The identity that makes it exact: layer l's state gradient is G_l V_l + c_l d std_l / d h_l, where
+G = d score / d hidden (the 640 pair outputs) comes from the closed forms of the head (row-wise
+normalization and LeakyReLU, computed with autograd-tracked operations), V_l are the pair weights
+that read layer l, and c_l = sum G_l s_l goes through the minibatch-std feature (s_l its weights).
+That is bilinear in G and the weights, so the L1 norm's gradient w.r.t. them is written by hand
+(sign(gradient) multiplied back, _StateGradientL1) and autograd takes the rest through G; the
+LeakyReLU's mask has zero derivative, as in autograd's double backward. The pair weights are
+regrouped by layer (_LayerBlocks) so that every product is one dense matrix product; float32 CPU
+products go to oneDNN (_mm).
 
 Held to autograd by tests/test_models.py::test_written_out_state_gradients_equal_double_backpropagation
 (float64 and float32, noise on, divisive normalization on and off). A D of one's own trains at once
