@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import fid
 import sample_quality
-from data import DATASETS
+from data import DATASETS, to_unit_range
 from utils import (UserError, WriteError, add_architecture_flags, add_release_flags, load_networks, pick_device,
                    resolve_checkpoint_path, run_main, write_atomically, write_json)
 
@@ -127,64 +127,73 @@ def generate(args):
     ckpt = resolve_checkpoint_path(args.path)
     state, nets = load_networks(ckpt, device, args)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(ckpt)), "samples")
-
-    inception, ref = None, None
-    if args.fid_ref:  # before any sample: a missing pytorch-fid or reference should cost nothing
-        inception = fid.inception(device)
-        mu_r, sigma_r, ref = fid.reference_statistics(args.fid_ref, inception, device, args.data,
-                                                      nets.cfg.image_size, args.batch_size)
-        if args.save_ref_stats:
-            fid.save_statistics(args.save_ref_stats, mu_r, sigma_r)
-            print(f"saved the statistics of {ref} to {args.save_ref_stats}")
+    # The references before any sample: a missing pytorch-fid, reference or dataset should cost nothing.
+    reference = fid_reference(args, nets.cfg.image_size, device) if args.fid_ref else None
     quality = None
-    if args.classifier_fd:  # before any sample, as above; trains the classifier on its first use
+    if args.classifier_fd:  # trains the classifier on its first use
         config = state.get("config", {})
-        dataset, root = args.dataset or config.get("dataset"), args.data or config.get("data")
-        quality = sample_quality.QualityMeasure(dataset, root, nets.cfg.image_size,
+        quality = sample_quality.QualityMeasure(args.dataset or config.get("dataset"),
+                                                args.data or config.get("data"), nets.cfg.image_size,
                                                 cache_dirs=[os.path.dirname(os.path.abspath(ckpt))])
     prepare_folder(out, args.overwrite)
 
-    G = nets.generator.eval()
-    z = sample_noise(args.n_images, nets.cfg.noise_dim, args.seed)
-    width = max(5, len(str(args.n_images - 1)))
-    kept, feats, generated = [], [], []
-    for start in tqdm(range(0, args.n_images, args.batch_size), desc="samples", unit="batch", dynamic_ncols=True):
-        with torch.no_grad():
-            x = G(z[start:start + args.batch_size].to(device))[0]  # (B, c, S, S) in [-1, 1]
-        images = fid.three_channels(fid.to_uint8(x)).cpu()
-        for i, image in enumerate(images):
-            write_png(os.path.join(out, f"{start + i:0{width}d}.png"), image)
-        if args.npz:
-            kept.append(images)
-        if inception is not None:
-            feats.append(fid.activations(inception, [images], device))
-        if quality is not None:
-            generated.append(x.cpu())
-    print(f"wrote {args.n_images} samples to {out}")
-
-    if args.npz:
-        array = torch.cat(kept).permute(0, 2, 3, 1).numpy()  # (N, S, S, 3), the layout of the PNGs
-        os.makedirs(os.path.dirname(os.path.abspath(args.npz)), exist_ok=True)
-        write_atomically(args.npz, lambda f: np.savez(f, images=array))
-        print(f"wrote all samples as one array to {args.npz}")
+    images, width = write_samples(nets, args, out, device)
     manifest = {"checkpoint": os.path.abspath(ckpt), "epoch": state.get("epoch"), "seed": args.seed,
                 "n_images": args.n_images, "model": state["model"], "files": f"{'0' * width}.png ..",
                 "pixels": "uint8 RGB, round((x + 1) / 2 * 255) of the generator's tanh output x"}
-    if inception is not None:
-        if args.n_images < fid.DIMS:
-            print(f"note: with fewer samples than {fid.DIMS} features the covariance is singular; "
-                  f"such an FID is biased upwards and comparable only at the same sample count")
-        mu_g, sigma_g = fid.statistics(np.concatenate(feats))
-        value = fid.frechet_distance(mu_g, sigma_g, mu_r, sigma_r)
-        manifest["fid"] = {"value": value, "reference": ref}
-        print(f"FID {value:.3f} ({args.n_images} samples vs {ref})")
+    if args.npz:
+        array = images.permute(0, 2, 3, 1).numpy()  # (N, S, S, 3), the layout of the PNGs
+        os.makedirs(os.path.dirname(os.path.abspath(args.npz)), exist_ok=True)
+        write_atomically(args.npz, lambda f: np.savez(f, images=array))
+        print(f"wrote all samples as one array to {args.npz}")
+    if reference is not None:
+        manifest["fid"] = fid_of(images, reference, args, device)
     if quality is not None:
-        scores = quality.score(torch.cat(generated))
+        scores = quality.score(to_unit_range(images[:, :nets.cfg.channels]))
         manifest["classifier_fd"] = {**scores, "classifier": quality.cache}
         print("classifier measure: " + " ".join(f"{k}={v:.4g}" for k, v in scores.items())
               + f" ({args.n_images} samples vs the test split; comparable only at equal sample counts)")
     write_json(os.path.join(out, MANIFEST), manifest)
     return 0
+
+
+def fid_reference(args, image_size, device):
+    """(Inception network, mu, sigma, description) of --fid-ref; its statistics saved with --save-ref-stats."""
+    inception = fid.inception(device)
+    mu_r, sigma_r, ref = fid.reference_statistics(args.fid_ref, inception, device, args.data, image_size,
+                                                  args.batch_size)
+    if args.save_ref_stats:
+        fid.save_statistics(args.save_ref_stats, mu_r, sigma_r)
+        print(f"saved the statistics of {ref} to {args.save_ref_stats}")
+    return inception, mu_r, sigma_r, ref
+
+
+@torch.no_grad()
+def write_samples(nets, args, out, device):
+    """--n-images samples of G in eval mode as numbered PNG files in out: (uint8 (N, 3, S, S), name width)."""
+    G = nets.generator.eval()
+    z = sample_noise(args.n_images, nets.cfg.noise_dim, args.seed)
+    width = max(5, len(str(args.n_images - 1)))
+    kept = []
+    for start in tqdm(range(0, args.n_images, args.batch_size), desc="samples", unit="batch", dynamic_ncols=True):
+        x = G(z[start:start + args.batch_size].to(device))[0]  # (B, c, S, S) in [-1, 1]
+        images = fid.three_channels(fid.to_uint8(x)).cpu()
+        for i, image in enumerate(images):
+            write_png(os.path.join(out, f"{start + i:0{width}d}.png"), image)
+        kept.append(images)
+    print(f"wrote {args.n_images} samples to {out}")
+    return torch.cat(kept), width
+
+
+def fid_of(images, reference, args, device):
+    inception, mu_r, sigma_r, ref = reference
+    if args.n_images < fid.DIMS:
+        print(f"note: with fewer samples than {fid.DIMS} features the covariance is singular; "
+              f"such an FID is biased upwards and comparable only at the same sample count")
+    mu_g, sigma_g = fid.statistics(fid.activations(inception, images.split(args.batch_size), device))
+    value = fid.frechet_distance(mu_g, sigma_g, mu_r, sigma_r)
+    print(f"FID {value:.3f} ({args.n_images} samples vs {ref})")
+    return {"value": value, "reference": ref}
 
 
 def main(argv=None):
