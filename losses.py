@@ -184,6 +184,19 @@ def d_terms(D, states, hp, graph=True):
     return discriminator_gradients.score_and_state_gradients(D, states)
 
 
+def readout_terms(F, R, x, h4, image, hp):
+    """L_R of the real batch x (its F4 is h4; x requires grad) and of the generated image, as data:
+    (L_R, R(F4(sg image)), d sum_b R(F4(u))_b / du at u = sg image, kept for G)."""
+    r_real = R(h4).to(x.dtype)
+    (grad_real,) = torch.autograd.grad(r_real.sum(), x, create_graph=True)
+    fake = image.detach().to(x.dtype).requires_grad_(True)
+    r_fake = R(F(fake, to_layer=4)[4]).to(x.dtype)
+    (grad_fake,) = torch.autograd.grad(r_fake.sum(), fake, create_graph=True)
+    loss_r = readout_critic_loss(r_real, r_fake, l2_gradient_penalty(grad_real), l2_gradient_penalty(grad_fake),
+                                 hp.gamma, hp.lamda2)
+    return loss_r, r_fake, grad_fake
+
+
 def step_losses(nets, x, hp: StepConfig):
     """The forward passes and loss terms of one step, at the current parameters.
 
@@ -219,8 +232,8 @@ def step_losses(nets, x, hp: StepConfig):
         # --- Discriminator: wake states high, sleep states low.
         d_sleep, _, l1_sleep = d_terms(D, as_data(sleep, x.dtype), hp)
         d_sleep = d_sleep.to(x.dtype)
-        loss_d = discriminator_loss(d_wake, d_sleep, l1_gradient_penalty(l1_wake),
-                                           l1_gradient_penalty(l1_sleep), hp.gamma, hp.lamda)
+        loss_d = discriminator_loss(d_wake, d_sleep, l1_gradient_penalty(l1_wake), l1_gradient_penalty(l1_sleep),
+                                    hp.gamma, hp.lamda)
         if hp.scale_by_d:
             loss_d = loss_d + centering_loss(d_wake, d_sleep)
         # --- Inference, adversarial: gamma mean D(W); F follows it through g_wake (training_step).
@@ -240,13 +253,7 @@ def step_losses(nets, x, hp: StepConfig):
     loss_r, grad_fake = zero, None
     if R is not None:
         # --- Readout: R(F4(.)) is a WGAN-GP critic on images, trained with F.
-        r_real = R(wake[4]).to(x.dtype)
-        (grad_real,) = torch.autograd.grad(r_real.sum(), x, create_graph=True)
-        fake = sleep[0].detach().to(x.dtype).requires_grad_(True)
-        r_fake = R(F(fake, to_layer=4)[4]).to(x.dtype)
-        (grad_fake,) = torch.autograd.grad(r_fake.sum(), fake, create_graph=True)
-        loss_r = readout_critic_loss(r_real, r_fake, l2_gradient_penalty(grad_real),
-                                            l2_gradient_penalty(grad_fake), hp.gamma, hp.lamda2)
+        loss_r, r_fake, grad_fake = readout_terms(F, R, x, wake[4], sleep[0], hp)
         # Reported at the current F and R; G follows it through image_grad or a fresh pass (training_step).
         loss_g = loss_g + generator_readout_loss(r_fake.detach(), hp.gamma)
 
