@@ -17,11 +17,11 @@ def layer_features(inference, batches, progress=True):
     inference.eval()
     feats, labels = [[] for _ in LAYER_NAMES], []
     for x, y in tqdm(batches, desc="features", disable=not progress, leave=False):
-        for l, h in enumerate(inference(x)):
-            feats[l].append(h.flatten(1).float().cpu())
+        for l, h in enumerate(_sampled_layers(inference, x)):
+            feats[l].append(h)
         labels.append(y.cpu())
     inference.train(was_training)
-    return [torch.cat(f).numpy() for f in feats], torch.cat(labels).numpy()
+    return [np.concatenate(f) for f in feats], torch.cat(labels).numpy()
 
 
 def linear_probe(features, labels, n_folds=10, alpha=1e-4, epochs=5, seed=0, progress=True):

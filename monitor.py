@@ -7,7 +7,7 @@ failure here is said once and training goes on.
 import os
 import sys
 
-from utils import WriteError, save_grid, write_atomically
+from utils import WriteError, save_grid, to_unit_interval, write_atomically
 
 GRID_NAME, CURVES_NAME = "samples.png", "curves.png"
 
@@ -49,7 +49,7 @@ class TensorBoard:
             return
         from torchvision.utils import make_grid
         try:
-            self.writer.add_image("samples", make_grid(images.float().cpu().add(1).div(2).clamp(0, 1), nrow=10), epoch)
+            self.writer.add_image("samples", make_grid(to_unit_interval(images), nrow=10), epoch)
             self.writer.flush()
         except OSError as e:
             self._failed(e)

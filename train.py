@@ -398,10 +398,6 @@ def samples_of(generator, z):
     return images
 
 
-def save_samples(generator, z, path):
-    save_grid(samples_of(generator, z), path)
-
-
 def resume_hint(path):
     return f"continue with the same command and --resume {path}"
 
@@ -660,12 +656,14 @@ class Run:
 
     def _pictures(self, epoch):
         """The epoch's sample grid, to TensorBoard and with --save-imgs to gen_images/: not worth stopping for."""
-        if self.board.writer is not None:
-            self.board.images(epoch + 1, samples_of(self.nets.generator, self.fixed_z))
-        if self.args.save_imgs and self.grids:
+        wanted = self.args.save_imgs and self.grids
+        if self.board.writer is None and not wanted:
+            return
+        samples = samples_of(self.nets.generator, self.fixed_z)  # one pass of G for both
+        self.board.images(epoch + 1, samples)
+        if wanted:
             try:
-                save_samples(self.nets.generator, self.fixed_z,
-                             os.path.join(self.args.out, "gen_images", f"imgs_epoch{epoch + 1}.png"))
+                save_grid(samples, os.path.join(self.args.out, "gen_images", f"imgs_epoch{epoch + 1}.png"))
             except WriteError as e:
                 self.grids = False
                 print(f"warning: {e}; training goes on without sample grids", file=sys.stderr)

@@ -340,11 +340,16 @@ def run_main(parser, check_args, run, argv=None):
         return 1
 
 
+def to_unit_interval(images):
+    """Images in [-1, 1] (the generator's tanh) as float32 in [0, 1] on the CPU, what image writers take."""
+    return images.float().cpu().add(1).div(2).clamp(0, 1)
+
+
 def save_grid(images, path, nrow=10):
     """Images in [-1, 1] as one PNG grid."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     buf = io.BytesIO()
-    save_image(images.float().cpu().add(1).div(2).clamp(0, 1), buf, nrow=nrow, format="png")
+    save_image(to_unit_interval(images), buf, nrow=nrow, format="png")
     write_atomically(path, lambda f: f.write(buf.getvalue()))
 
 
