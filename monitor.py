@@ -72,7 +72,8 @@ def plot_curves(history, path):
 
     epochs = [int(r["epoch"]) for r in history]
     col = lambda k: [float(r[k]) for r in history]  # noqa: E731
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    measured = [r for r in history if r.get("fd") not in (None, "")]  # --quality-every's epochs
+    fig, axes = plt.subplots(1, 4 if measured else 3, figsize=(16 if measured else 12, 3.4))
     axes[0].plot(epochs, col("d_wake"), label="D(wake)")
     axes[0].plot(epochs, col("d_sleep"), label="D(sleep)")
     axes[0].set_title("wake/sleep discriminator scores")
@@ -83,6 +84,9 @@ def plot_curves(history, path):
     if any(col("loss_r")):
         axes[2].plot(epochs, col("loss_r"), label="L_R")
         axes[2].set_title("generator and readout losses")
+    if measured:
+        axes[3].plot([int(r["epoch"]) for r in measured], [float(r["fd"]) for r in measured], "o-", label="fd")
+        axes[3].set_title("sample quality (classifier fd, lower is better)")
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.legend()

@@ -36,6 +36,7 @@ import monitor
 from data import DATASETS, DataError, DataMissing, channels_of, make_batches, num_images
 from metrics import format_probe, layer_features, linear_probe
 from models import ModelConfig, Networks
+from sample_quality import QualityMeasure
 from utils import (CHECKPOINT_NAME, CheckpointError, RunLock, UserError, WriteError, add_bool_flag, add_release_flags,
                    check_architecture, keep_freed_memory, load_checkpoint, note_release_flags,
                    remove_stray_temporaries, save_checkpoint, save_grid, write_json, write_metrics_csv)
@@ -106,6 +107,10 @@ def get_parser():
                    help="mixed precision: bf16 autocast of the forward passes; losses, penalties and weights stay float32")
     g.add_argument("--probe-folds", type=int, default=5,
                    help="folds of the linear decoding probe after the last epoch; 0 skips it")
+    g.add_argument("--quality-every", type=int, default=0, metavar="K",
+                   help="every K epochs and after the last, the digit-classifier measure of 2,000 samples "
+                        "(fd, confidence, class_entropy: sample_quality.py) into metrics.csv; digits and mnist "
+                        "only; 0: never")
     g = p.add_argument_group("several processes (launch with torchrun; the other flags are the original's, "
                              "the older way)")
     g.add_argument("--sync-bn", action="store_true",
@@ -174,13 +179,16 @@ def check_args(args, parser):
         problems.append(f"--batch-size {args.batch_size} gives each of the {world} processes fewer than two samples "
                         f"(BatchNorm on the 1x1 top layer and the minibatch std need two)")
     for flag in ("lamda", "lamda2", "wd", "gradient_clipping", "lr_decay", "workers", "probe_folds", "save_every",
-                 "skip_nonfinite"):
+                 "skip_nonfinite", "quality_every"):
         if getattr(args, flag) < 0:
             problems.append(f"--{flag.replace('_', '-')} must not be negative, got {getattr(args, flag)}")
     if not (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1):
         problems.append(f"--beta1 and --beta2 must lie in [0, 1), got {args.beta1}, {args.beta2}")
     if args.probe_folds == 1:
         problems.append("--probe-folds must be 0 (no probe) or at least 2")
+    if args.quality_every > 0 and args.dataset not in ("digits", "mnist"):
+        problems.append(f"--quality-every measures digits (--dataset digits or mnist), not {args.dataset}; "
+                        f"for natural images, generate_and_save_imgs.py --fid-ref gives Inception FID")
     if args.dataset != "digits" and not os.path.isdir(args.data):
         problems.append(f"--data {args.data} is not a folder")
     if args.resume:
@@ -398,6 +406,9 @@ def samples_of(generator, z):
     return images
 
 
+QUALITY_SAMPLES = 2000  # as in the README's and docs/fidelity.md's fd figures: fd depends on the count
+
+
 def resume_hint(path):
     return f"continue with the same command and --resume {path}"
 
@@ -414,6 +425,7 @@ class Run:
         self.args, self.group, self.device = args, group, group.device
         self.ckpt_path = os.path.join(args.out, CHECKPOINT_NAME)
         self.grids, self.written = True, None  # sample grids still wanted; the epoch in ckpt_path this run wrote
+        self.quality = None  # --quality-every's measure, made at its first use
         self._start()
         self.board = monitor.TensorBoard(args.out, enabled=group.is_main)
         # A fixed noise, so that the sample grids of successive epochs are comparable.
@@ -640,6 +652,10 @@ class Run:
         self.history.append(row)
         if not group.is_main:
             return
+        if args.quality_every and ((epoch + 1) % args.quality_every == 0 or epoch + 1 == args.epochs):
+            quality = self._quality()
+            row.update(quality)
+            self.board.scalars((epoch + 1) * len(self.batches), quality)
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         self._pictures(epoch)
         state = self._state(epoch + 1, 0)
@@ -653,6 +669,25 @@ class Run:
             held = f"epoch {self.written}" if self.written else "what was written before this run, if anything"
             raise UserError(f"{e}. Training stopped after epoch {epoch + 1}; {CHECKPOINT_NAME} holds {held}: "
                             f"{resume_hint(self.ckpt_path)} once the disk is fixed") from None
+
+    def _quality(self):
+        """fd, confidence and class_entropy of 2,000 samples of a fixed noise (its own generator: the
+        training's random stream, and so exact resume, are untouched). The classifier is trained once,
+        or read from its cache beside the data or in the run folder."""
+        if self.quality is False:
+            return {}
+        if self.quality is None:
+            try:
+                self.quality = QualityMeasure(self.args.dataset, self.args.data, self.args.image_size,
+                                              cache_dirs=[self.args.out])
+            except (UserError, DataError) as e:  # e.g. no test split: the measure has nothing to compare with
+                self.quality = False
+                print(f"warning: --quality-every: {e}; training goes on without it", file=sys.stderr)
+                return {}
+            z = torch.randn(QUALITY_SAMPLES, self.cfg.noise_dim, 1, 1, generator=torch.Generator().manual_seed(1))
+            self.quality_z = z.to(self.device)
+        samples = torch.cat([samples_of(self.nets.generator, z) for z in self.quality_z.split(500)])
+        return self.quality.score(samples)
 
     def _pictures(self, epoch):
         """The epoch's sample grid, to TensorBoard and with --save-imgs to gen_images/: not worth stopping for."""

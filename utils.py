@@ -357,9 +357,9 @@ def write_metrics_csv(path, history):
     """The whole metric history as CSV (rewritten each epoch, so it always matches the checkpoint)."""
     if not history:
         return
-    columns = list(history[0])
+    columns = list(dict.fromkeys(k for row in history for k in row))  # some epochs have more (--quality-every)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer = csv.DictWriter(buf, fieldnames=columns, restval="")
     writer.writeheader()
     writer.writerows(history)
     write_atomically(path, lambda f: f.write(buf.getvalue().encode()))

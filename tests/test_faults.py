@@ -277,6 +277,8 @@ def bad_arguments(tmp_path):
         (["--out", str(tmp_path / "a_file" / "run")], "--out"),
         (["--resume", str(tmp_path / "missing.pth.tar")], "--resume"),
         (["--save-every", "-1"], "--save-every"), (["--skip-nonfinite", "-2"], "--skip-nonfinite"),
+        (["--quality-every", "-1"], "--quality-every"),
+        (["--dataset", "cifar10", "--quality-every", "2"], "--quality-every"),  # a digit classifier's measure
     ]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "--device cuda"))

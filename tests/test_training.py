@@ -386,6 +386,18 @@ def test_amp_bf16_stays_finite_and_close_to_float32(divisive, device):
             assert abs(bf16[k].item() - fp32[k].item()) <= 0.05 * abs(fp32[k].item()) + 0.02, k
 
 
+def test_quality_every_k_epochs_goes_to_metrics_and_survives_a_resume(tmp_path, mnist_root):
+    common = TINY + ["--dataset", "mnist", "--data", mnist_root, "-b", "16", "--seed", "3", "--probe-folds", "0",
+                     "--gamma", "0.9", "--device", "cpu", "--out", str(tmp_path), "--quality-every", "2"]
+    _run(common + ["--epochs", "3"])
+    rows = _read_metrics(tmp_path)
+    assert [r["fd"] != "" for r in rows] == [False, True, True]  # every 2nd epoch, and the last
+    assert all(float(r["fd"]) > 0 and 0 < float(r["confidence"]) <= 1 for r in rows[1:])
+    _run(common + ["--epochs", "4", "--resume", str(tmp_path)])
+    again = _read_metrics(tmp_path)
+    assert [r["fd"] for r in again[:3]] == [r["fd"] for r in rows] and again[3]["fd"] != ""
+
+
 def test_training_more_epochs_on_a_finished_run_probes_again(tmp_path, mnist_root):
     common = TINY + ["--dataset", "mnist", "--data", mnist_root, "-b", "16", "--seed", "1", "--probe-folds", "2",
                      "--out", str(tmp_path)]
