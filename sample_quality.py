@@ -138,7 +138,7 @@ class QualityMeasure:
         freq = np.bincount(probs.argmax(1), minlength=probs.shape[1]) / len(probs)
         nz = freq[freq > 0]
         return {"fd": fid.frechet_distance(mu, sigma, *self.ref), "confidence": float(probs.max(1).mean()),
-                "class_entropy": float(-(nz * np.log(nz)).sum())}
+                "class_entropy": float(abs((nz * np.log(nz)).sum()))}  # abs: one class gives -0.0
 
 
 def load_samples(path, channels):
