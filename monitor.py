@@ -7,6 +7,7 @@ failure here is said once and training goes on.
 import os
 import sys
 
+from sample_quality import DATASETS_MEASURED
 from utils import WriteError, save_grid, to_unit_interval, write_atomically
 
 GRID_NAME, CURVES_NAME = "samples.png", "curves.png"
@@ -116,7 +117,7 @@ def summary(args, made):
     """Where the run's files are, and the two commands that evaluate it, with its own paths (both
     scripts read the dataset and its folder from the checkpoint)."""
     out = args.out
-    quality = " --classifier-fd" if args.dataset in ("digits", "mnist") else ""
+    quality = " --classifier-fd" if args.dataset in DATASETS_MEASURED else ""
     lines = [f"run folder {out}:",
              f"  checkpoint  {os.path.join(out, 'checkpoint.pth.tar')}",
              f"  metrics     {os.path.join(out, 'metrics.csv')}"]

@@ -36,6 +36,7 @@ from data import DATASETS, DataError, channels_of, load_in_memory, to_unit_range
 from utils import UserError, WriteError, serialized, write_atomically
 
 VERSION = 1  # of the classifier and its training; a cache of another version is retrained
+DATASETS_MEASURED = ("digits", "mnist")  # the datasets a digit classifier can describe
 
 
 class DigitClassifier(nn.Module):
@@ -94,7 +95,7 @@ class QualityMeasure:
     """The classifier of one dataset, image size and seed, with the test split's feature statistics."""
 
     def __init__(self, dataset, root, image_size, cache_dirs=(), seed=0):
-        if dataset not in ("digits", "mnist"):
+        if dataset not in DATASETS_MEASURED:
             raise UserError(f"the classifier measure is for digits (mnist, digits), not {dataset}; "
                             f"use --fid-ref (Inception FID) for natural images")
         train_x, train_y = load_in_memory(dataset, root, image_size, train=True)

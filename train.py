@@ -36,7 +36,7 @@ import monitor
 from data import DATASETS, DataError, DataMissing, channels_of, make_batches, num_images
 from metrics import format_probe, layer_features, linear_probe
 from models import ModelConfig, Networks
-from sample_quality import QualityMeasure
+from sample_quality import DATASETS_MEASURED, QualityMeasure
 from utils import (CHECKPOINT_NAME, CheckpointError, RunLock, UserError, WriteError, add_bool_flag, add_release_flags,
                    check_architecture, keep_freed_memory, load_checkpoint, note_release_flags,
                    remove_stray_temporaries, save_checkpoint, save_grid, write_json, write_metrics_csv)
@@ -186,7 +186,7 @@ def check_args(args, parser):
         problems.append(f"--beta1 and --beta2 must lie in [0, 1), got {args.beta1}, {args.beta2}")
     if args.probe_folds == 1:
         problems.append("--probe-folds must be 0 (no probe) or at least 2")
-    if args.quality_every > 0 and args.dataset not in ("digits", "mnist"):
+    if args.quality_every > 0 and args.dataset not in DATASETS_MEASURED:
         problems.append(f"--quality-every measures digits (--dataset digits or mnist), not {args.dataset}; "
                         f"for natural images, generate_and_save_imgs.py --fid-ref gives Inception FID")
     if args.dataset != "digits" and not os.path.isdir(args.data):
