@@ -29,7 +29,7 @@ from models import _centered_and_std
 def _std_and_its_gradient(flat):
     """The minibatch-std feature of (B, J) features and its gradient d std / d flat, (B, J)."""
     centered, std = _centered_and_std(flat)
-    return std.mean(), centered.div_(std * (flat.size(0) * flat.size(1)))
+    return std.mean(), centered.div_(std * ((flat.size(0) - 1) * flat.size(1)))
 
 
 def score_and_state_gradients(D, states):

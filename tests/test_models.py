@@ -91,12 +91,12 @@ def test_written_out_state_gradients_equal_double_backpropagation(divisive, dtyp
 
 
 def test_minibatch_stddev_hand_value():
-    # Feature 1 takes 0 and 2 (std 1), feature 2 takes 1 and 5 (std 2): mean std 1.5.
+    # Feature 1 takes 0 and 2 (unbiased variance 2), feature 2 takes 1 and 5 (variance 8), as torch.var.
     h = torch.tensor([[0.0, 1.0], [2.0, 5.0]])
     out = minibatch_stddev(h)
     assert out.shape == (2, 3)
     assert torch.allclose(out[:, :2], h)
-    expected = (math.sqrt(1 + 1e-8) + math.sqrt(4 + 1e-8)) / 2
+    expected = (math.sqrt(2 + 1e-8) + math.sqrt(8 + 1e-8)) / 2
     assert torch.allclose(out[:, 2], torch.full((2,), expected))
 
 
