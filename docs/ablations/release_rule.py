@@ -17,8 +17,6 @@ import copy
 import os
 import sys
 
-import torch
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from step_vs_release import stale  # noqa: E402  (also puts the repository root on sys.path)
@@ -36,11 +34,8 @@ def release_rule_step(nets, optimizers, x, hp, **kwargs):
     def d_terms(D, states, hp, graph=True):
         if graph:
             return _d_terms(D, states, hp, graph)
-        states = [h.detach().requires_grad_(True) for h in states]
-        with torch.enable_grad(), stale(D, D_before):
-            score = D(states)
-            grads = torch.autograd.grad(score.sum(), states)
-        return score.detach(), list(grads), None
+        with stale(D, D_before):
+            return losses.score_and_state_gradients(D, states, create_graph=False)
 
     losses.d_terms = d_terms
     try:
