@@ -196,10 +196,12 @@ class Discriminator(nn.Module):
         self.register_buffer("sigma", torch.tensor(float(sigma)))
 
     def forward(self, states):
+        return self._head(self.hidden(states))[0]
+
+    def hidden(self, states):
+        """The 5 x 128 hidden pre-activations, before the noise: (B, 640)."""
         feats = [minibatch_stddev(h) for h in states]
-        hidden = torch.cat([pair(torch.cat([feats[l], feats[l + 1]], dim=1))
-                            for l, pair in enumerate(self.pairs)], dim=1)  # (B, 640)
-        return self._head(hidden)[0]
+        return torch.cat([pair(torch.cat([feats[l], feats[l + 1]], dim=1)) for l, pair in enumerate(self.pairs)], dim=1)
 
     def _head(self, hidden):
         a = _add_noise(hidden, self.sigma)

@@ -16,14 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import data  # noqa: E402
-from models import ModelConfig, Networks, minibatch_stddev  # noqa: E402
-from utils import load_checkpoint  # noqa: E402
-
-
-def pre_activations(D, states):
-    """D's 640 hidden pre-activations, before its noise, as Discriminator.forward computes them."""
-    feats = [minibatch_stddev(h) for h in states]
-    return torch.cat([pair(torch.cat([feats[l], feats[l + 1]], dim=1)) for l, pair in enumerate(D.pairs)], dim=1)
+from utils import load_networks  # noqa: E402
 
 
 def main():
@@ -34,11 +27,8 @@ def main():
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    path = os.path.join(a.run, "checkpoint.pth.tar") if os.path.isdir(a.run) else a.run
-    state = load_checkpoint(path)
-    cfg = ModelConfig.from_dict(state["model"])
-    nets = Networks(cfg)
-    nets.load_state_dict(state["networks"])
+    _, nets = load_networks(a.run, "cpu")
+    cfg = nets.cfg
     nets.train()  # as in training: F's BatchNorm on batch statistics
     torch.manual_seed(a.seed)
     images, _ = data.load_in_memory(a.dataset, a.data, cfg.image_size)
@@ -47,7 +37,7 @@ def main():
     with torch.no_grad():
         for name, states in (("wake", nets.inference(x)),
                              ("sleep", nets.generator(torch.randn(a.batch_size, cfg.noise_dim, 1, 1)))):
-            u = pre_activations(nets.discriminator, states).abs()
+            u = nets.discriminator.hidden(states).abs()
             print(f"{name:5s}  median |pre-activation| {u.median().item():.2f}   within sigma {sigma:g} of 0: "
                   f"{(u < sigma).float().mean().item():.2%}   within 3 sigma: {(u < 3 * sigma).float().mean().item():.2%}")
 

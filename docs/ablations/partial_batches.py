@@ -15,22 +15,24 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import train  # noqa: E402
+from data import IN_MEMORY  # noqa: E402
 
 _make_batches = train.make_batches
 
 
 def make_batches(*args, train=True, drop_last=True, **kwargs):
-    batches = _make_batches(*args, train=train, drop_last=drop_last and not train, **kwargs)
-    n = train and len(batches.sampler) % batches.batch_size
-    if n == 1:  # BatchNorm cannot normalize one sample: drop it as the default does
-        batches = _make_batches(*args, train=train, drop_last=True, **kwargs)
+    if not train:
+        return _make_batches(*args, train=train, drop_last=drop_last, **kwargs)
+    batches = _make_batches(*args, train=True, drop_last=False, **kwargs)
+    # BatchNorm cannot normalize one sample: a last batch of one is dropped, as the default does.
+    batches.drop_last = len(batches.sampler) % batches.batch_size == 1
     return batches
 
 
 def main(argv=None):
     args = train.parse_args(train.get_parser(), argv)
-    if args.dataset not in ("digits", "mnist", "cifar10"):
-        sys.exit("error: partial_batches.py keeps partial batches of the in-memory datasets (digits, mnist, cifar10)")
+    if args.dataset not in IN_MEMORY:
+        sys.exit(f"error: partial_batches.py keeps partial batches of the in-memory datasets ({', '.join(IN_MEMORY)})")
     train.make_batches = make_batches
     return train.main(argv)
 
