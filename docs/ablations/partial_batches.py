@@ -29,11 +29,15 @@ def make_batches(*args, train=True, drop_last=True, **kwargs):
     return batches
 
 
-def main(argv=None):
+def patch(argv=None):
     args = train.parse_args(train.get_parser(), argv)
     if args.dataset not in IN_MEMORY:
         sys.exit(f"error: partial_batches.py keeps partial batches of the in-memory datasets ({', '.join(IN_MEMORY)})")
     train.make_batches = make_batches
+
+
+def main(argv=None):
+    patch(argv)
     return train.main(argv)
 
 

@@ -28,6 +28,10 @@ def seed_shards_apart(sampler, seed, epoch):
     sampler.seed += OFFSET
 
 
-if __name__ == "__main__":
+def patch():
     data._seed_shards = seed_shards_apart
+
+
+if __name__ == "__main__":
+    patch()
     sys.exit(train.main())
