@@ -5,6 +5,7 @@ new weights?
 
 Usage (from the repository root):
     python docs/ablations/step_vs_release.py RELEASE_DIR [--doubly] [--update-order O] [--checkpoint RUN]
+                                             [--noise shared]
 
 RELEASE_DIR holds the release's files (github.com/KordingLab/adversarial-wake-sleep: train.py,
 dcgan_models.py, utils.py). Its train() runs unchanged on the CPU with two stand-ins: `.cuda()`
@@ -18,6 +19,10 @@ step it prints the relative difference of the gradients each optimizer stepped o
 ||g_ours - g_release|| / ||g_release||, and of the weight change; then that of the gradients the
 release's step amounts to, computed with this code's networks and terms (as_the_release); and
 that of the BatchNorm running statistics. docs/fidelity.md reads the figures.
+
+--noise shared turns F's, DeReLU's and G's noise back on and hands both codes the same draws
+(SharedDraws; D's noise stays off, since the two codes make different numbers of D passes): then the
+step is again deterministic, and agreement says that the noise enters both codes' steps alike.
 """
 import argparse
 import contextlib
@@ -118,15 +123,20 @@ def pairs(nets, rel):
     return out
 
 
-def silence_noise(nets, rel):
+def silence_noise(nets, rel, keep_f_and_g=False):
+    """D's noise off in both codes; F's, DeReLU's and G's too unless keep_f_and_g."""
     with torch.no_grad():
-        for net in (nets.inference, nets.generator, nets.discriminator):
+        nets.discriminator.sigma.zero_()
+        rel[2].sigma2 = 0.0
+        if keep_f_and_g:
+            return
+        for net in (nets.inference, nets.generator):
             net.sigma.zero_()
         for m in nets.inference.derelu:
             if isinstance(m, DeReLU):
                 m.scale.zero_()
-        inf, gen, disc, _ = rel
-        inf.sigma2 = gen.sigma2 = disc.sigma2 = 0.0
+        inf, gen, _, _ = rel
+        inf.sigma2 = gen.sigma2 = 0.0
         for m in inf.modules():
             if hasattr(m, "scale") and isinstance(m.scale, torch.nn.Parameter):
                 m.scale.zero_()
@@ -149,6 +159,47 @@ def fixed_z(z):
         yield
     finally:
         torch.randn, torch.Tensor.normal_ = randn, normal_
+
+
+class SharedDraws:
+    """Every code's k-th random draw of one kind and shape in a step gets the same numbers.
+
+    Both codes draw F's noise (layer by layer), then z, then G's noise, so with D's noise off (its
+    passes differ in number) the k-th normal draw of a shape is the same source in both: F's, DeReLU's
+    and G's noise and z are then equal, and one step with the noise on is again a deterministic
+    function of the weights. DeReLU: the release fills log(U), U in [1e-8, 1); this code log(1 - U),
+    so this code is handed 1 - U (and U is drawn where both are exact)."""
+
+    def __init__(self):
+        self.bank, self.counts, self.code = {}, {}, None
+        self.randn = torch.randn  # the real one: installed() replaces it
+
+    def draw(self, kind, shape):
+        key = (kind, tuple(shape))
+        counts = self.counts.setdefault(self.code, {})
+        i = counts[key] = counts.get(key, -1) + 1
+        bank = self.bank.setdefault(key, [])
+        while len(bank) <= i:
+            # Uniforms on the grid k / 2^24, k = 1 .. 2^24 - 1, where 1 - U is exact in float32 both ways.
+            uniform = lambda: torch.randint(1, 2 ** 24, shape).float().div_(2 ** 24)  # noqa: E731
+            bank.append(self.randn(*shape) if kind == "normal" else uniform())
+        return bank[i].clone()
+
+    def z(self, shape):
+        return self.bank[("normal", tuple(shape))][1]  # F's top layer drew the first of that shape
+
+    @contextlib.contextmanager
+    def installed(self):
+        saved = torch.randn, torch.randn_like, torch.rand_like, torch.Tensor.normal_, torch.Tensor.uniform_
+        torch.randn = lambda *size, **kw: self.draw("normal", size[0] if len(size) == 1 else size)
+        torch.randn_like = lambda t, **kw: self.draw("normal", t.shape)
+        torch.rand_like = lambda t, **kw: 1 - self.draw("uniform", t.shape)
+        torch.Tensor.normal_ = lambda t, *a, **kw: t.copy_(self.draw("normal", t.shape))
+        torch.Tensor.uniform_ = lambda t, *a, **kw: t.copy_(self.draw("uniform", t.shape))
+        try:
+            yield self
+        finally:
+            torch.randn, torch.randn_like, torch.rand_like, torch.Tensor.normal_, torch.Tensor.uniform_ = saved
 
 
 @contextlib.contextmanager
@@ -257,7 +308,11 @@ def main():
     p.add_argument("--checkpoint", help="start both from this code's checkpoint (weights and Adam moments) of "
                    "a run with the same flags, instead of a fresh initialization")
     p.add_argument("--update-order", default="alternating", help="this code's order of updates")
+    p.add_argument("--noise", choices=("off", "shared"), default="off",
+                   help="shared: F's, DeReLU's and G's noise on, the same draws in both codes (D's off)")
     a = p.parse_args()
+    if a.doubly and a.noise == "shared":
+        p.error("--noise shared takes the pure flags: at gamma < 1 the codes make different numbers of F passes")
 
     T = import_release(a.release_dir)
     flags = (DOUBLY if a.doubly else PURE).split()
@@ -279,9 +334,10 @@ def main():
     with torch.no_grad():
         for _, mine, theirs in table:
             theirs.copy_(mine)
-    silence_noise(nets, rel)
+    silence_noise(nets, rel, keep_f_and_g=a.noise == "shared")
 
-    print(f"{'doubly' if a.doubly else 'pure'} flags, noise off, batch {args.batch_size}, order {hp.update_order}")
+    noise = "noise off" if a.noise == "off" else "F's, DeReLU's and G's noise on and shared, D's off"
+    print(f"{'doubly' if a.doubly else 'pure'} flags, {noise}, batch {args.batch_size}, order {hp.update_order}")
     print("step  network        |grad diff|/|grad|  |step diff|/|step|  "
           "as the release: |grad diff|/|grad|  (BatchNorm running stats: |diff|/|stat|)")
     for step in range(a.steps):
@@ -289,15 +345,20 @@ def main():
         z = torch.randn(args.batch_size, args.noise_dim, 1, 1)
         before = [(n, m.detach().clone(), t.detach().clone()) for n, m, t in table]
         old = copy.deepcopy(nets)
-        with fixed_z(z):
+        shared = SharedDraws()
+        with fixed_z(z) if a.noise == "off" else shared.installed():
+            shared.code = "ours"
             ours.training_step(nets, optimizers, x, hp)
+            shared.code = "release"
             with contextlib.redirect_stdout(io.StringIO()):
                 T.train(rargs, inf, gen, [(x, None)], disc, ropt[2], ropt[1], ropt[0], 0, rd, ropt[3])
-        new = copy.deepcopy(old)  # with the release's weights after its step
-        with torch.no_grad():
-            for (_, mine, _), (_, _, theirs) in zip(pairs(new, rel), table):
-                mine.copy_(theirs)
-        report(step, nets, table, before, ropt, as_the_release(old, new, x, z, hp))
+            new = copy.deepcopy(old)  # with the release's weights after its step
+            with torch.no_grad():
+                for (_, mine, _), (_, _, theirs) in zip(pairs(new, rel), table):
+                    mine.copy_(theirs)
+            shared.code = "emulation"
+            emulated = as_the_release(old, new, x, z if a.noise == "off" else shared.z(z.shape), hp)
+        report(step, nets, table, before, ropt, emulated)
         # Both go on from the release's weights: each line compares one step, not a drift.
         with torch.no_grad():
             for _, mine, theirs in table:
