@@ -38,8 +38,9 @@ def main():
         for name, states in (("wake", nets.inference(x)),
                              ("sleep", nets.generator(torch.randn(a.batch_size, cfg.noise_dim, 1, 1)))):
             u = nets.discriminator.hidden(states).abs()
+            near, near3 = (u < sigma).float().mean().item(), (u < 3 * sigma).float().mean().item()
             print(f"{name:5s}  median |pre-activation| {u.median().item():.2f}   within sigma {sigma:g} of 0: "
-                  f"{(u < sigma).float().mean().item():.2%}   within 3 sigma: {(u < 3 * sigma).float().mean().item():.2%}")
+                  f"{near:.2%}   within 3 sigma: {near3:.2%}")
 
 
 if __name__ == "__main__":
