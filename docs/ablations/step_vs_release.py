@@ -180,10 +180,13 @@ class SharedDraws:
         i = counts[key] = counts.get(key, -1) + 1
         bank = self.bank.setdefault(key, [])
         while len(bank) <= i:
-            # Uniforms on the grid k / 2^24, k = 1 .. 2^24 - 1, where 1 - U is exact in float32 both ways.
-            uniform = lambda: torch.randint(1, 2 ** 24, shape).float().div_(2 ** 24)  # noqa: E731
-            bank.append(self.randn(*shape) if kind == "normal" else uniform())
+            bank.append(self.randn(*shape) if kind == "normal" else self.uniform(shape))
         return bank[i].clone()
+
+    @staticmethod
+    def uniform(shape):
+        """U on the grid k / 2^24, k = 1 .. 2^24 - 1, where 1 - U and 1 - (1 - U) are exact in float32."""
+        return torch.randint(1, 2 ** 24, shape).float().div_(2 ** 24)
 
     def z(self, shape):
         return self.bank[("normal", tuple(shape))][1]  # F's top layer drew the first of that shape
