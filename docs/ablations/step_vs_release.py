@@ -125,9 +125,10 @@ def pairs(nets, rel):
 
 def silence_noise(nets, rel, keep_f_and_g=False):
     """D's noise off in both codes; F's, DeReLU's and G's too unless keep_f_and_g."""
+    inf, gen, disc, _ = rel
     with torch.no_grad():
         nets.discriminator.sigma.zero_()
-        rel[2].sigma2 = 0.0
+        disc.sigma2 = 0.0
         if keep_f_and_g:
             return
         for net in (nets.inference, nets.generator):
@@ -135,7 +136,6 @@ def silence_noise(nets, rel, keep_f_and_g=False):
         for m in nets.inference.derelu:
             if isinstance(m, DeReLU):
                 m.scale.zero_()
-        inf, gen, _, _ = rel
         inf.sigma2 = gen.sigma2 = 0.0
         for m in inf.modules():
             if hasattr(m, "scale") and isinstance(m.scale, torch.nn.Parameter):
