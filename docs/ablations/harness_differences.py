@@ -20,8 +20,14 @@ import partial_batches  # noqa: E402
 import separate_streams  # noqa: E402
 import train  # noqa: E402
 
-if __name__ == "__main__":
-    partial_batches.patch()
+
+
+def patch(argv=None):
+    partial_batches.patch(argv)
     float_digits.patch()
     separate_streams.patch()
+
+
+if __name__ == "__main__":
+    patch()
     sys.exit(train.main())
