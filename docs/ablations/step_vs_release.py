@@ -5,7 +5,7 @@ new weights?
 
 Usage (from the repository root):
     python docs/ablations/step_vs_release.py RELEASE_DIR [--doubly] [--update-order O] [--checkpoint RUN]
-                                             [--noise shared]
+                                             [--noise shared] [--data MNIST_DIR]
 
 RELEASE_DIR holds the release's files (github.com/KordingLab/adversarial-wake-sleep: train.py,
 dcgan_models.py, utils.py). Its train() runs unchanged on the CPU with two stand-ins: `.cuda()`
@@ -23,6 +23,9 @@ that of the BatchNorm running statistics. docs/fidelity.md reads the figures.
 --noise shared turns F's, DeReLU's and G's noise back on and hands both codes the same draws
 (SharedDraws; D's noise stays off, since the two codes make different numbers of D passes): then the
 step is again deterministic, and agreement says that the noise enters both codes' steps alike.
+
+The batches are uniform noise images, or with --data real digits (the states of digits have exact
+zeros and saturated pixels that noise images rarely give).
 """
 import argparse
 import contextlib
@@ -40,6 +43,7 @@ from models import DeReLU, Networks  # noqa: E402
 import losses  # noqa: E402
 from losses import StepConfig  # noqa: E402
 from utils import load_checkpoint  # noqa: E402
+from data import load_in_memory, to_unit_range  # noqa: E402
 
 PURE = ("--dataset mnist --image-size 32 --n-filters 32 --noise-dim 40 --lr-g 0.00001 --lr-d 0.0001 "
         "--lr-e 0.0003 --beta1 0.64 --beta2 .999 --lamda .9 --kl-from-sn --divisive-normalization True")
@@ -313,6 +317,7 @@ def main():
     p.add_argument("--update-order", default="alternating", help="this code's order of updates")
     p.add_argument("--noise", choices=("off", "shared"), default="off",
                    help="shared: F's, DeReLU's and G's noise on, the same draws in both codes (D's off)")
+    p.add_argument("--data", help="an MNIST folder: batches of its training digits instead of uniform noise images")
     a = p.parse_args()
     if a.doubly and a.noise == "shared":
         p.error("--noise shared takes the pure flags: at gamma < 1 the codes make different numbers of F passes")
@@ -343,8 +348,12 @@ def main():
     print(f"{'doubly' if a.doubly else 'pure'} flags, {noise}, batch {args.batch_size}, order {hp.update_order}")
     print("step  network        |grad diff|/|grad|  |step diff|/|step|  "
           "as the release: |grad diff|/|grad|  (BatchNorm running stats: |diff|/|stat|)")
+    digits = to_unit_range(load_in_memory("mnist", a.data, 32)[0]) if a.data else None
     for step in range(a.steps):
-        x = torch.rand(args.batch_size, 1, 32, 32) * 2 - 1
+        if digits is None:
+            x = torch.rand(args.batch_size, 1, 32, 32) * 2 - 1
+        else:
+            x = digits[torch.randperm(len(digits))[:args.batch_size]]
         z = torch.randn(args.batch_size, args.noise_dim, 1, 1)
         before = [(n, m.detach().clone(), t.detach().clone()) for n, m, t in table]
         old = copy.deepcopy(nets)
