@@ -21,7 +21,6 @@ import separate_streams  # noqa: E402
 import train  # noqa: E402
 
 
-
 def patch(argv=None):
     partial_batches.patch(argv)
     float_digits.patch()

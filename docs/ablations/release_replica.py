@@ -5,10 +5,10 @@
 Usage (from the repository root), with any train.py flags of a single process at gamma 1:
     python docs/ablations/release_replica.py --dataset mnist --data DIR ... --epochs 225
 
-Each of the two alone moved this code's pure score part of the way to the release's
-(docs/fidelity.md). Together they leave no difference that one step or the data can show: what
-separates this script's samples from the release's is then the randomness of the runs (the order
-and number of the noise draws) or a difference not yet found.
+Neither alone closed the pure setting's gap to the release (docs/fidelity.md). Together they leave
+no difference that one step or the data can show: what separates this script's samples from the
+release's is then the randomness of the runs (the order and number of the noise draws) or a
+difference not yet found.
 """
 import os
 import sys
