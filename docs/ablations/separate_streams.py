@@ -10,7 +10,10 @@ epoch, so on a CPU an epoch's permutation and its first noise draws are read fro
 Mersenne-twister words. The release draws both from one generator seeded once, each word used
 once. Arbitrary image indices should make this harmless; docs/fidelity.md names it as a
 difference left in the pure setting, and this script tests it: the permutation's seed is moved
-by 2 ** 40 + 1, far from any epoch's noise seed. Nothing else changes (checkpoints, resume, metrics).
+by 2 ** 40 + 1. A CPU generator keeps only a seed's low 32 bits (torch.Generator().manual_seed(s)
+and manual_seed(s + 2 ** 32) draw the same numbers), so on a CPU epoch e's permutation reads the
+words of epoch e + 1's noise: apart from its own epoch's noise, though not from every epoch's.
+The runs in docs/fidelity.md used this offset. Nothing else changes (checkpoints, resume, metrics).
 """
 import os
 import sys
