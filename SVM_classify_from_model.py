@@ -87,7 +87,7 @@ def probe(args):
     if dataset != "digits" and not (data and os.path.isdir(data)):
         raise DataError(f"--data {data} is not a folder (pass the root that holds the {dataset} dataset)")
     batches = make_batches(dataset, data, nets.cfg.image_size, args.batch_size, device, train=False,
-                           workers=args.workers, shuffle=False, drop_last=False)
+                           workers=args.workers, shuffle=False, min_batch=1)
 
     torch.manual_seed(args.seed)  # the inference network samples: its noise is part of the features
     try:

@@ -162,36 +162,46 @@ def load_in_memory(dataset, root, image_size, train=True):
     return _resize(images, image_size), labels
 
 
-def _shards(n_or_dataset, rank, world_size, shuffle, drop_last):
+def _shards(n_or_dataset, rank, world_size, shuffle):
     """Process `rank`'s shard of every epoch. DistributedSampler deals out one permutation of all the
     images in turn, so at every step the processes' batches together are the one process's batch;
-    drop_last gives every process the same number of batches (else the last steps would wait forever)."""
+    it drops the last few images that would leave the shards unequal, so that every process makes
+    the same number of steps (else the last steps would wait forever)."""
     dataset = range(n_or_dataset) if isinstance(n_or_dataset, int) else n_or_dataset
-    return DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle,
-                              drop_last=drop_last and world_size > 1)
+    return DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, drop_last=world_size > 1)
+
+
+# The permutation's seed, away from the training noise's (train.epoch_seed: seed * 1_000_003 + epoch).
+# A CPU generator keeps only a seed's low 32 bits, so 2 ** 31 apart is as far apart as two seeds get.
+PERMUTATION_OFFSET = 2 ** 31
 
 
 def _seed_shards(sampler, seed, epoch):
-    # DistributedSampler permutes with seed + epoch: this seed gives one process alone the order
-    # it always had, torch.randperm seeded with seed * 1_000_003 + epoch.
-    sampler.seed = seed * 1_000_003
+    # DistributedSampler permutes with torch.randperm seeded with sampler.seed + epoch.
+    sampler.seed = seed * 1_000_003 + PERMUTATION_OFFSET
     sampler.set_epoch(epoch)
+
+
+def _num_batches(n, batch_size, min_batch):
+    """Whole batches, and the last partial one if it holds `min_batch` images or more."""
+    return n // batch_size + (n % batch_size >= min_batch)
 
 
 class TensorBatches:
     """Minibatches of a dataset held as one uint8 tensor, shuffled by a seeded generator.
 
     The order of epoch e depends only on (seed, e), so a resumed run sees the same batches.
-    The last incomplete batch is dropped: BatchNorm on the 1x1 top layer and the
-    minibatch-std feature need more than one sample. With several processes (world_size),
-    `batch_size` is each process's share of the global batch and each takes its shard."""
+    An epoch's last, partial batch is kept, as the original release's DataLoader kept it, if it
+    holds `min_batch` images or more (training: BatchNorm on the 1x1 top layer and the minibatch-std
+    feature need two). With several processes (world_size), `batch_size` is each process's share of
+    the global batch and each takes its shard."""
     skipped = 0  # images that could not be read: none, they were all decoded up front
     may_skip = False  # every batch it yields is whole
 
-    def __init__(self, images, labels, batch_size, device, shuffle=True, drop_last=True, rank=0, world_size=1):
+    def __init__(self, images, labels, batch_size, device, shuffle=True, min_batch=2, rank=0, world_size=1):
         self.images, self.labels = images.to(device), labels.to(device)
-        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
-        self.sampler = _shards(len(images), rank, world_size, shuffle, drop_last)
+        self.batch_size, self.shuffle, self.min_batch = batch_size, shuffle, min_batch
+        self.sampler = _shards(len(images), rank, world_size, shuffle)
         self.order = None
 
     def set_epoch(self, seed, epoch):
@@ -200,8 +210,7 @@ class TensorBatches:
             self.order = torch.tensor(list(self.sampler), dtype=torch.long, device=self.images.device)
 
     def __len__(self):
-        n, b = len(self.sampler), self.batch_size
-        return n // b if self.drop_last else -(-n // b)
+        return _num_batches(len(self.sampler), self.batch_size, self.min_batch)
 
     def __iter__(self):
         order = self.order
@@ -234,11 +243,12 @@ def _collate_readable(items):
 class FolderBatches:
     """Minibatches of an image folder (resize, center-crop), decoded by DataLoader workers.
 
-    Unreadable images are left out of their batch; `skipped` counts them in the current epoch.
-    A batch left with fewer than two images is skipped; with several processes (world_size) it is
+    An epoch's last, partial batch is kept if it holds `min_batch` images or more, as in
+    TensorBatches. Unreadable images are left out of their batch; `skipped` counts them in the
+    current epoch. A batch left with fewer than two images is skipped; with several processes (world_size) it is
     yielded as (None, None) instead, so that every process can skip that step together."""
 
-    def __init__(self, root, image_size, batch_size, device, workers=4, shuffle=True, drop_last=True, rank=0,
+    def __init__(self, root, image_size, batch_size, device, workers=4, shuffle=True, min_batch=2, rank=0,
                  world_size=1):
         if not os.path.isdir(root):
             raise DataMissing(f"image folder {root} does not exist (expected one sub-folder per class)")
@@ -250,7 +260,8 @@ class FolderBatches:
             raise DataMissing(f"no images in {root}: {e}") from None
         self.device, self.shuffle = device, shuffle
         self.may_skip = world_size > 1
-        self.sampler = _shards(self.dataset, rank, world_size, shuffle, drop_last)
+        self.sampler = _shards(self.dataset, rank, world_size, shuffle)
+        drop_last = 0 < len(self.sampler) % batch_size < min_batch
         # The sampler orders the images; the generator only seeds the workers, from (seed, epoch)
         # rather than from the global random state, which a resumed run must find untouched.
         self.generator = torch.Generator()
@@ -281,15 +292,16 @@ class FolderBatches:
 
 
 def make_batches(dataset, root, image_size, batch_size, device, train=True, workers=4, shuffle=True,
-                 drop_last=True, rank=0, world_size=1):
-    """Batches of the train (or test) split; a DataError says what is missing. With several
-    processes, `batch_size` is this process's share and the batches are its shard (rank of world_size)."""
+                 min_batch=2, rank=0, world_size=1):
+    """Batches of the train (or test) split; a DataError says what is missing. An epoch's last
+    batch is kept if it holds min_batch images or more (training needs two, evaluation one). With
+    several processes, `batch_size` is this process's share and the batches are its shard (rank of world_size)."""
     if dataset in IN_MEMORY:
         images, labels = load_in_memory(dataset, root, image_size, train)
-        return TensorBatches(images, labels, batch_size, device, shuffle, drop_last, rank, world_size)
+        return TensorBatches(images, labels, batch_size, device, shuffle, min_batch, rank, world_size)
     if dataset in FOLDERS:
         sub = os.path.join(root, "train" if train else "val")
-        return FolderBatches(sub, image_size, batch_size, device, workers, shuffle, drop_last, rank, world_size)
+        return FolderBatches(sub, image_size, batch_size, device, workers, shuffle, min_batch, rank, world_size)
     raise ValueError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
 
 

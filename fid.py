@@ -144,7 +144,7 @@ def reference_batches(ref, data, image_size, batch_size):
         if ref != "digits" and not (data and os.path.isdir(data)):
             raise DataError(f"--fid-ref {ref} needs --data, the folder that holds the dataset")
         batches = make_batches(ref, data, image_size, batch_size, "cpu", train=True, workers=0, shuffle=False,
-                               drop_last=False)
+                               min_batch=1)
         n = num_images(batches)
         return (three_channels(to_uint8(x)) for x, _ in batches), n, f"{ref} train split ({n} images)"
     if os.path.isdir(ref):

@@ -389,7 +389,7 @@ def run_probe(nets, args, device):
     """Linear decoding of the labels from each layer on the test split (k-fold)."""
     try:
         batches = make_batches(args.dataset, args.data, args.image_size, 512, device, train=False,
-                               workers=args.workers, shuffle=False, drop_last=False)
+                               workers=args.workers, shuffle=False, min_batch=1)
     except DataError as e:
         print(f"skipping the decoding probe: {e}")
         return None
@@ -467,7 +467,7 @@ class Run:
                                    world_size=group.world_size)
         except DataMissing as e:
             raise BadArgument(f"--data {args.data}: {e}") from None
-        if len(batches) == 0:
+        if num_images(batches) < args.batch_size:  # one batch of all the images: more likely a slip than meant
             raise BadArgument(f"--batch-size {args.batch_size} is larger than the {num_images(batches)} training "
                               f"images")
         return batches

@@ -121,7 +121,8 @@ def _one_process_averaging_shards(argv, images):
     optimizers = train.make_optimizers(nets, args)
     hp = train.StepConfig.from_args(args)
     B, seed = args.batch_size, args.seed
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed * 1_000_003))  # epoch 0
+    permuter = torch.Generator().manual_seed(seed * 1_000_003 + data.PERMUTATION_OFFSET)
+    order = torch.randperm(len(images), generator=permuter)  # epoch 0
     streams = []
     for r in range(WORLD):
         torch.manual_seed(distributed.rank_seed(train.epoch_seed(seed, 0), r))
@@ -305,13 +306,42 @@ def test_shards_together_are_the_one_process_batches_and_one_process_keeps_its_o
         return [y.tolist() for _, y in b]
 
     alone = epoch(0, 1, 12)
+    assert [len(y) for y in alone] == [12, 12, 12, 12, 2]  # the last, partial batch kept
     assert [i for y in alone for i in y] == torch.randperm(50, generator=torch.Generator().manual_seed(
-        7 * 1_000_003 + 3)).tolist()[:48]  # the order single-process runs always had
+        7 * 1_000_003 + 2 ** 31 + 3)).tolist()
     for world in (2, 3, 4):
+        # A process's last share would hold one image (2) or none (3, 4: the shards drop the images
+        # that would leave them unequal), so every process takes the four whole steps alone.
         shards = [epoch(r, world, 12 // world) for r in range(world)]
-        assert all(len(s) == len(alone) == 4 for s in shards)  # every process takes the same steps
-        for step, batch in enumerate(alone):
+        assert all(len(s) == 4 for s in shards)
+        for step, batch in enumerate(alone[:4]):
             assert sorted(i for s in shards for i in s[step]) == sorted(batch), (world, step)
+
+
+def test_the_last_partial_batch_is_kept_unless_it_holds_one_image():
+    def sizes(n, batch, **kwargs):
+        b = data.TensorBatches(torch.zeros(n, 1, 4, 4, dtype=torch.uint8), torch.arange(n), batch, "cpu", **kwargs)
+        b.set_epoch(0, 0)
+        assert len(b) == len(list(b))
+        return [len(y) for _, y in b]
+
+    assert sizes(50, 12) == [12, 12, 12, 12, 2]
+    assert sizes(49, 12) == [12, 12, 12, 12]  # BatchNorm cannot train on one image
+    assert sizes(49, 12, min_batch=1) == [12, 12, 12, 12, 1]  # evaluation can
+    assert sizes(48, 12) == [12, 12, 12, 12]
+    assert sizes(26, 6, rank=1, world_size=2) == [6, 6]  # 13 images a process: one left over, dropped
+    assert sizes(26, 5, rank=1, world_size=2) == [5, 5, 3]
+
+
+def test_the_permutation_and_the_noise_are_drawn_from_different_words():
+    # A CPU generator keeps a seed's low 32 bits: a permutation seeded like an epoch's noise would
+    # read the noise's own words. Here no epoch's permutation shares its seed with any epoch's noise.
+    sampler = data._shards(100, 0, 1, True)
+    for seed in (0, 1, 12345):
+        noise = {train.epoch_seed(seed, e) % 2 ** 32 for e in range(1000)}
+        for epoch in range(1000):
+            data._seed_shards(sampler, seed, epoch)
+            assert (sampler.seed + sampler.epoch) % 2 ** 32 not in noise
 
 
 def test_folder_shards_and_unusable_batches(tmp_path):

@@ -357,7 +357,7 @@ def test_skip_nonfinite_skips_up_to_n_steps_then_stops(small_mnist, tmp_path, ca
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
     """DATA/train: two classes of nine PNGs, a text file posing as a PNG and a cut-off PNG (20 files,
-    five whole batches of four, so that no file falls in the dropped remainder)."""
+    five whole batches of four, so that no batch is a partial one)."""
     root = tmp_path_factory.mktemp("folder")
     rng = np.random.default_rng(0)
     for k in range(2):

@@ -2,7 +2,7 @@
 """Train on digits resized in floating point, as the harness that runs the release here does.
 
 Usage (from the repository root), with any train.py flags of a single process:
-    python docs/ablations/float_digits.py --dataset mnist --data DIR ... --epochs 232
+    python docs/ablations/float_digits.py --dataset mnist --data DIR ... --epochs 225
 
 This code resizes the 28-pixel digits to --image-size in uint8 and rounds (as the release's own
 torchvision pipeline did: PIL's resize, then ToTensor); the harness that trains the release on this

@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Train the pure setting as the release computes it, on the harness's data: the release's rule for F
-(release_rule.py) and the harness's three differences (harness_differences.py) at once.
+(release_rule.py) and the harness's differences (harness_differences.py) at once. The runs of
+docs/fidelity.md made with it ran at commit 5a0e61a, before this code kept partial batches and
+seeded the permutation apart (there harness_differences.py patched those in too).
 
 Usage (from the repository root), with any train.py flags of a single process at gamma 1:
     python docs/ablations/release_replica.py --dataset mnist --data DIR ... --epochs 225
