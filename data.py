@@ -196,7 +196,7 @@ class TensorBatches:
     feature need two). With several processes (world_size), `batch_size` is each process's share of
     the global batch and each takes its shard."""
     skipped = 0  # images that could not be read: none, they were all decoded up front
-    may_skip = False  # every batch it yields is whole
+    may_skip = False  # no image of a batch can be missing
 
     def __init__(self, images, labels, batch_size, device, shuffle=True, min_batch=2, rank=0, world_size=1):
         self.images, self.labels = images.to(device), labels.to(device)
@@ -245,8 +245,9 @@ class FolderBatches:
 
     An epoch's last, partial batch is kept if it holds `min_batch` images or more, as in
     TensorBatches. Unreadable images are left out of their batch; `skipped` counts them in the
-    current epoch. A batch left with fewer than two images is skipped; with several processes (world_size) it is
-    yielded as (None, None) instead, so that every process can skip that step together."""
+    current epoch. A batch left with fewer than two images is skipped; with several processes
+    (world_size) it is yielded as (None, None) instead, so that every process can skip that step
+    together."""
 
     def __init__(self, root, image_size, batch_size, device, workers=4, shuffle=True, min_batch=2, rank=0,
                  world_size=1):
