@@ -29,7 +29,8 @@ import utils
 from models import Networks
 
 WORLD = 2
-# 64 images in global batches of 16: four steps, each process training on 8 images a step. The readout
+# 72 images in global batches of 16: four steps, each process training on 8 images a step, and a fifth
+# on the last 8 images, 4 each (the partial batch that one process keeps too). The readout
 # (gamma < 1) brings in the double back-propagation through F, and a small clipping norm makes the
 # clipping act, so that clipping before averaging would show.
 # The one-process reference below takes every gradient at the same weights, so these processes do too;
@@ -40,7 +41,12 @@ ARGV = TINY + ["-b", "16", "--epochs", "1", "--seed", "11", "--probe-folds", "0"
 
 @pytest.fixture(scope="module")
 def mnist(tmp_path_factory):
-    return write_mnist(tmp_path_factory.mktemp("mnist"), n_train=64, n_test=20)
+    return write_mnist(tmp_path_factory.mktemp("mnist"), n_train=72, n_test=20)
+
+
+@pytest.fixture(scope="module")
+def mnist64(tmp_path_factory):
+    return write_mnist(tmp_path_factory.mktemp("mnist64"), n_train=64, n_test=20)
 
 
 @contextlib.contextmanager
@@ -128,7 +134,7 @@ def _one_process_averaging_shards(argv, images):
         torch.manual_seed(distributed.rank_seed(train.epoch_seed(seed, 0), r))
         streams.append(torch.get_rng_state())
     history = []
-    for step in range(len(images) // B):
+    for step in range(-(-len(images) // B)):  # the last, partial batch too
         batch = order[step * B:(step + 1) * B]
         grads, outs, buffers = [], [], []
         for r in range(WORLD):
@@ -170,7 +176,7 @@ def test_two_processes_hold_equal_parameters_equal_to_one_process_averaging_thei
     argv, out, ranks = two_processes
     images, _ = data.load_in_memory("mnist", mnist, 32)
     expected = one_process_averaging_shards(argv, images)
-    assert len(ranks[0]) == len(ranks[1]) == len(expected) == 4
+    assert len(ranks[0]) == len(ranks[1]) == len(expected) == 5
     assert all(e["clipped"] for e in expected)  # clipping acted on the averaged gradients
     for step, (a, b, e) in enumerate(zip(*ranks, expected), start=1):
         assert not torch.equal(a["z"], b["z"])  # each process draws its own noise
@@ -184,7 +190,7 @@ def test_two_processes_hold_equal_parameters_equal_to_one_process_averaging_thei
     assert all(torch.equal(state["networks"][k], v) for k, v in expected[-1]["state"].items())
     row = state["history"][0]
     for k in train.METRICS:
-        assert row[k] == pytest.approx(sum(e["out"][k] for e in expected) / 4, rel=1e-6, abs=1e-9), k
+        assert row[k] == pytest.approx(sum(e["out"][k] for e in expected) / 5, rel=1e-6, abs=1e-9), k
     written = {p.name for p in out.iterdir()}
     events = {n for n in written if n.startswith("events.out.tfevents")}
     assert len(events) == (importlib.util.find_spec("tensorboard") is not None)  # one writer: rank 0's
@@ -208,7 +214,7 @@ def test_a_signal_to_one_process_stops_both_at_one_step_and_torchrun_resumes_the
     shutil.copy(tmp_path / "checkpoint.pth.tar", tmp_path / "stopped.pth.tar")
     done = torchrun(argv + ["--resume", str(tmp_path / "stopped.pth.tar")], tmp_path)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.count("epoch=1 steps=4") == 1 and done.stderr.count("resumed from") == 0
+    assert done.stdout.count("epoch=1 steps=5") == 1 and done.stderr.count("resumed from") == 0
     assert done.stdout.count("resumed from") == 1  # rank 0 alone prints,
     assert done.stderr.count("?it/s]") == 1  # and shows a progress bar (this is its first drawing)
     a, b = utils.load_checkpoint(straight), utils.load_checkpoint(tmp_path)
@@ -250,9 +256,9 @@ def _quiet_start(argv, path):
     return nets.cfg
 
 
-def test_with_sync_bn_and_no_noise_the_averaged_gradient_is_the_global_batch_gradient(mnist, tmp_path, monkeypatch):
+def test_with_sync_bn_and_no_noise_the_averaged_gradient_is_the_global_batch_gradient(mnist64, tmp_path, monkeypatch):
     argv = TINY + ["-b", "16", "--epochs", "1", "--seed", "5", "--probe-folds", "0", "--gamma", "0.9",
-                   "--gradient-clipping", "0", "--device", "cpu", "--dataset", "mnist", "--data", mnist]
+                   "--gradient-clipping", "0", "--device", "cpu", "--dataset", "mnist", "--data", mnist64]
     start = tmp_path / "start.pth.tar"
     cfg = _quiet_start(argv, start)  # made by one process, resumed by two
     code, ranks = spawn(argv + ["--resume", str(start), "--sync-bn"], tmp_path / "two")
