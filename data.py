@@ -182,9 +182,9 @@ def _seed_shards(sampler, seed, epoch):
     sampler.set_epoch(epoch)
 
 
-def _num_batches(n, batch_size, min_batch):
-    """Whole batches, and the last partial one if it holds `min_batch` images or more."""
-    return n // batch_size + (n % batch_size >= min_batch)
+def _keeps_partial(n, batch_size, min_batch):
+    """Whether an epoch of n images keeps its last, partial batch: it holds `min_batch` images or more."""
+    return n % batch_size >= min_batch
 
 
 class TensorBatches:
@@ -210,7 +210,8 @@ class TensorBatches:
             self.order = torch.tensor(list(self.sampler), dtype=torch.long, device=self.images.device)
 
     def __len__(self):
-        return _num_batches(len(self.sampler), self.batch_size, self.min_batch)
+        n = len(self.sampler)
+        return n // self.batch_size + _keeps_partial(n, self.batch_size, self.min_batch)
 
     def __iter__(self):
         order = self.order
@@ -262,7 +263,7 @@ class FolderBatches:
         self.device, self.shuffle = device, shuffle
         self.may_skip = world_size > 1
         self.sampler = _shards(self.dataset, rank, world_size, shuffle)
-        drop_last = 0 < len(self.sampler) % batch_size < min_batch
+        drop_last = not _keeps_partial(len(self.sampler), batch_size, min_batch)
         # The sampler orders the images; the generator only seeds the workers, from (seed, epoch)
         # rather than from the global random state, which a resumed run must find untouched.
         self.generator = torch.Generator()
