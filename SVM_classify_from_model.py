@@ -20,10 +20,10 @@ import sys
 
 import torch
 
+from checkpoint import add_architecture_flags, load_networks, resolve_checkpoint_path
 from data import DATASETS, DataError, make_batches
 from metrics import format_probe, layer_features, linear_probe, resampled_probe
-from utils import (UserError, add_architecture_flags, add_release_flags, append_jsonl, load_networks, pick_device,
-                   resolve_checkpoint_path, run_main)
+from utils import UserError, add_release_flags, append_jsonl, pick_device, run_main
 
 
 def get_parser():

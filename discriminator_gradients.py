@@ -17,8 +17,10 @@ products go to oneDNN (_mm).
 
 Held to autograd by tests/test_models.py::test_written_out_state_gradients_equal_double_backpropagation
 (float64 and float32, noise on, divisive normalization on and off). A D of one's own trains at once
-with `--d-gradients autograd` (losses.score_and_state_gradients), without this module.
+with `--d-gradients autograd` (losses.score_and_state_gradients), without this module; and since
+these formulas describe one D, a run checks them against that D first (agrees_with_autograd).
 """
+import copy
 import platform
 
 import torch
@@ -60,6 +62,41 @@ def score_and_state_gradients(D, states):
 
     norms, *grads = _StateGradientL1.apply(g, slopes, *blocks_and_std_weights)
     return score, [gr.view_as(h) for gr, h in zip(grads, states)], norms
+
+
+def agrees_with_autograd(D, state_shapes, samples=4, rtol=1e-6):
+    """Whether score_and_state_gradients still computes what autograd takes through D.forward:
+    the scores, the state gradients, and the gradients w.r.t. D's parameters of a loss of scores and
+    L1 norms, on random states of the given shapes (without batch).
+
+    They differ once Discriminator has been edited (another slope, layer or head): the formulas here
+    are those of the D they were written for, and would go on training with its gradients. Run in
+    float64 on a CPU copy of D, where the two agree to ~1e-12, so an edit stands out at once; with
+    its own seeded random numbers, so the caller's stream (and so exact resume) is untouched."""
+    D = copy.deepcopy(D).to("cpu", torch.float64)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        states = [torch.randn(samples, *shape, dtype=torch.float64) for shape in state_shapes]
+        weights = torch.randn(samples, dtype=torch.float64)
+
+        def loss(scores, norms):
+            return (scores * weights).sum() + 0.7 * (norms * weights.flip(0)).sum()
+
+        torch.manual_seed(1)  # the same noise in D's head for both
+        leaves = [h.clone().requires_grad_(True) for h in states]
+        want_scores = D(leaves)
+        want_grads = torch.autograd.grad(want_scores.sum(), leaves, create_graph=True)
+        want_norms = sum(g.flatten(1).abs().sum(dim=1) for g in want_grads)
+        want_params = torch.autograd.grad(loss(want_scores, want_norms), list(D.parameters()), allow_unused=True)
+        torch.manual_seed(1)
+        try:
+            scores, grads, norms = score_and_state_gradients(D, states)
+            params = torch.autograd.grad(loss(scores, norms), list(D.parameters()), allow_unused=True)
+        except Exception:  # an edited D may lack what the formulas read (D.pairs, D._head ...)
+            return False
+    pairs = [(scores, want_scores), (norms, want_norms), *zip(grads, want_grads), *zip(params, want_params)]
+    return all(got is not None and want is not None and got.shape == want.shape
+               and (got - want).abs().max() <= rtol * want.abs().max() for got, want in pairs)
 
 
 def _autocast_dtype(device_type):

@@ -24,9 +24,9 @@ from tqdm import tqdm
 
 import fid
 import sample_quality
+from checkpoint import add_architecture_flags, load_networks, resolve_checkpoint_path
 from data import DATASETS, to_unit_range
-from utils import (UserError, WriteError, add_architecture_flags, add_release_flags, load_networks, pick_device,
-                   resolve_checkpoint_path, run_main, write_atomically, write_json)
+from utils import UserError, WriteError, add_release_flags, pick_device, run_main, write_atomically, write_json
 
 MANIFEST = "samples.json"
 SAMPLE_NAME = re.compile(r"\d{5,}\.png")

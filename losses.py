@@ -1,10 +1,10 @@
 """The objective of Adversarial Wake-Sleep: every term of the training step, one small function
 each, and step_losses, the forward passes of one step that produce them.
 
-Notation of ../SPEC (and the paper): W = (x, h1..h5) a wake state from the inference
+Notation of docs/algorithm.md (and the paper): W = (x, h1..h5) a wake state from the inference
 network F, S = (h0..h5) a sleep state from the generator G, D the wake/sleep
 discriminator, R the readout discriminator on F's h4, sg() stop-gradient.
-The training loop in train.py owns backward(), the order of updates and the optimizer steps.
+step.py owns backward(), the order of updates and the optimizer steps.
 """
 from dataclasses import dataclass
 

@@ -92,7 +92,7 @@ class DeReLU(nn.Module):
 
     The inference network's inputs (after ReLU) are mostly exact zeros; this makes them
     a sample of a continuous density again, which the wake/sleep discriminator needs to
-    compare with the generator's states (SPEC: 'DeReLU')."""
+    compare with the generator's states (docs/algorithm.md, 'DeReLU')."""
 
     def __init__(self, channels, scale=0.5):
         super().__init__()
@@ -159,7 +159,7 @@ class Generator(nn.Module):
         return divisive_norm(h) if self.divisive_normalization else h
 
     def predict(self, k, h):
-        """a_k(ConvT_k(hk)): tanh onto the image, ReLU above; no N and no noise (SPEC, L_G)."""
+        """a_k(ConvT_k(hk)): tanh onto the image, ReLU above; no N and no noise (docs/algorithm.md, G's prediction loss)."""
         out = self.convs[k - 1](h)
         return torch.tanh(out) if k == 1 else F.relu(out)
 

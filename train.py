@@ -17,7 +17,6 @@ Several GPUs or machines (data-parallel, --batch-size is the global batch; see d
     torchrun --nproc_per_node 8 train.py ...
 """
 import argparse
-import contextlib
 import itertools
 import os
 import random
@@ -30,16 +29,17 @@ import torch
 from tqdm import tqdm
 
 import distributed
-import losses
-from losses import METRICS, StepConfig, step_losses  # the step's objective
 import monitor
+from checkpoint import CHECKPOINT_NAME, CheckpointError, check_architecture, checkpoint_state, load_checkpoint, \
+    save_checkpoint
 from data import DATASETS, DataError, DataMissing, channels_of, make_batches, num_images
+from losses import METRICS, StepConfig
 from metrics import format_probe, layer_features, linear_probe
 from models import ModelConfig, Networks
 from sample_quality import DATASETS_MEASURED, QualityMeasure
-from utils import (CHECKPOINT_NAME, CheckpointError, RunLock, UserError, WriteError, add_bool_flag, add_release_flags,
-                   check_architecture, keep_freed_memory, load_checkpoint, note_release_flags,
-                   remove_stray_temporaries, save_checkpoint, save_grid, write_json, write_metrics_csv)
+from step import NonFiniteError, check_d_gradients, make_optimizers, training_step
+from utils import (RunLock, UserError, WriteError, add_bool_flag, add_release_flags, keep_freed_memory,
+                   note_release_flags, remove_stray_temporaries, save_grid, write_json, write_metrics_csv)
 
 
 
@@ -209,120 +209,8 @@ def model_config(args):
                        spectral_norm=args.spectral_norm, readout=args.gamma < 1)
 
 
-def make_optimizers(nets, args):
-    lrs = {"inference": args.lr_e, "generator": args.lr_g, "discriminator": args.lr_d, "readout": args.lr_rd}
-    # fused: one kernel per parameter group instead of a dozen per tensor (CPU and CUDA)
-    return {name: torch.optim.Adam(net.parameters(), lr=lrs[name], betas=(args.beta1, args.beta2),
-                                   weight_decay=args.wd, fused=True)
-            for name, net in nets.parts().items()}
-
-
 class BadArgument(UserError):
     """An argument that only the data or the file system can refute: refused like argparse's (exit 2)."""
-
-
-class NonFiniteError(Exception):
-    """A non-finite loss or gradient, refused before it reached the weights of the networks that
-    had not yet stepped; `stepped` names those that had (the critics, in the alternating order)."""
-
-    def __init__(self, terms, stepped=()):
-        super().__init__(", ".join(terms))
-        self.terms = terms
-        self.stepped = list(stepped)
-
-
-def _inf_norm(tensors):
-    """max |entry| over tensors, NaN if any entry is. (get_total_norm(..., "inf") is the same
-    number, but its CPU kernel runs ~20x slower than amax and amin.)"""
-    return torch.stack([torch.maximum(t.amax(), -t.amin()) for t in tensors]).amax()
-
-
-def _backward(loss, nets, names):
-    """Gradients of `loss` into the networks `names` (those that exist) alone."""
-    if loss.requires_grad:
-        loss.backward(inputs=[p for n, net in nets.parts().items() if n in names for p in net.parameters()])
-
-
-def _update(nets, optimizers, names, out, hp, check_finite, average, stepped=()):
-    """Average (several processes), check, clip and step the networks `names`, whose gradients are
-    complete; `out` (the metrics, or {}) is averaged and checked with them. Returns `out`."""
-    names = [n for n in names if n in nets.parts()]
-    if average is not None:
-        out = average(nets, out, names)
-    # Each network's largest gradient entry: clipping needs it, and it is NaN or inf exactly when
-    # some entry is, so it also serves the finiteness check.
-    grads = {n: [p.grad for p in nets.parts()[n].parameters() if p.grad is not None] for n in names}
-    norms = {n: _inf_norm(g) for n, g in grads.items() if g}
-    if check_finite and (out or norms):  # one host sync per phase
-        if not bool(torch.isfinite(torch.stack([*out.values(), *norms.values()])).all()):
-            bad = [k for k, v in out.items() if not torch.isfinite(v)]
-            bad += [f"gradient of {n}" for n, v in norms.items() if not torch.isfinite(v)]
-            raise NonFiniteError(bad, stepped)
-    if hp.gradient_clipping > 0:
-        for n in ("discriminator", "inference"):
-            if n in norms:
-                torch.nn.utils.clip_grads_with_norm_(nets.parts()[n].parameters(), hp.gradient_clipping, norms[n])
-    for n in names:
-        optimizers[n].step()
-    return out
-
-
-@contextlib.contextmanager
-def _statistics_kept(module):
-    """Passes that only re-evaluate a gradient leave BatchNorm statistics and spectral-norm
-    estimates where the step's own passes left them."""
-    kept = [b.clone() for b in module.buffers()]
-    yield
-    with torch.no_grad():
-        for b, k in zip(module.buffers(), kept):
-            b.copy_(k)
-
-
-def training_step(nets, optimizers, x, hp: StepConfig, check_finite=True, average=None):
-    """One step of Adversarial Wake-Sleep: gradients, clipping, a check that nothing is
-    non-finite, and each network's Adam step, in the order of updates `hp.update_order`:
-
-    alternating (the release's order, SPEC "Order of updates"): the critics step first and their
-    opponents follow the moved critics, with exact gradients from fresh passes:
-      1. D steps on L_D;
-      2. F's adversarial gradient is taken through the stepped D (a fresh D pass at the wake
-         state); R and F step on L_R, that and the KL term;
-      3. G's readout gradient is taken through the stepped F and R (a fresh pass of G's image);
-         G steps on it and its prediction term.
-    simultaneous: every gradient at the same parameter values, one backward, every network steps.
-
-    `average(nets, metrics, names) -> metrics` (several processes: distributed.Group.average)
-    turns the gradients of `names` and the metrics into their means over the processes."""
-    for opt in optimizers.values():
-        opt.zero_grad(set_to_none=True)
-    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=hp.amp)
-    with autocast:
-        t = step_losses(nets, x, hp)
-    F, D, R = nets.inference, nets.discriminator, nets.readout
-    everything = list(nets.parts())
-    if hp.update_order == "simultaneous":
-        _backward(t.simultaneous_total(hp.gamma), nets, everything)
-        return _update(nets, optimizers, everything, t.out, hp, check_finite, average)
-
-    # (1) The wake/sleep discriminator steps.
-    _backward(t.loss_d, nets, ["discriminator"])
-    out = _update(nets, optimizers, ["discriminator"], t.out, hp, check_finite, average)
-    # (2) F follows the stepped D; R and F, the image critic, step.
-    inference_follows = 0
-    if t.state_grads is not None:
-        with autocast, torch.no_grad():
-            _, state_grads, _ = losses.d_terms(D, losses.as_data(t.wake, x.dtype), hp, graph=False)
-        inference_follows = losses.inference_follows(t.wake, state_grads, hp.gamma)
-    _backward(t.loss_rest + inference_follows, nets, ["readout", "inference", "generator"])
-    _update(nets, optimizers, ["readout", "inference"], {}, hp, check_finite, average, stepped=["discriminator"])
-    # (3) G follows the stepped F and R, and steps.
-    if R is not None:
-        with autocast, _statistics_kept(F):
-            readout = losses.generator_readout_loss(R(F(t.image.to(x.dtype), to_layer=4)[4]).to(x.dtype), hp.gamma)
-            _backward(readout, nets, ["generator"])
-    _update(nets, optimizers, ["generator"], {}, hp, check_finite, average,
-            stepped=[n for n in ("discriminator", "readout", "inference") if n in nets.parts()])
-    return out
 
 
 def epoch_seed(seed, epoch):
@@ -355,34 +243,6 @@ class Interrupt:
         self.signal = sig
         print(f"\n{signal.Signals(sig).name}: stopping after this step and saving a checkpoint "
               f"(interrupt again to exit at once)", file=sys.stderr)
-
-
-def checkpoint_state(args, nets, optimizers, seed, epoch, step, history, partial=None, probe=None, skipped=0,
-                     rngs=None):
-    """Everything a run needs to continue, as tensors and plain data (loads with weights_only=True).
-
-    `partial` (the epoch's metric sums and skipped steps so far) marks a state inside an epoch; `rngs`
-    is then every process's random state by rank (distributed.Group.rng_states), by default this one's."""
-    state = {
-        "model": nets.cfg.to_dict(),
-        "config": {k: v for k, v in vars(args).items()},
-        "seed": seed,
-        "epoch": epoch,  # epochs completed
-        "step": step,  # steps done inside epoch `epoch` (0 at an epoch boundary)
-        "networks": nets.state_dict(),
-        "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
-        "history": history,
-        "probe": probe,
-        "skipped_steps": skipped,  # non-finite steps skipped in the whole run (--skip-nonfinite)
-    }
-    if partial is not None:  # inside an epoch: the random state is no longer a function of (seed, epoch)
-        rngs = rngs or [{"cpu": torch.get_rng_state(),
-                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}]
-        state["rng"] = rngs[0]
-        if len(rngs) > 1:
-            state["rng_by_rank"] = rngs
-        state["partial"] = partial
-    return state
 
 
 def run_probe(nets, args, device):
@@ -451,10 +311,12 @@ class Run:
         if group.sync_bn:
             distributed.convert_sync_batchnorm(self.nets)
         self.optimizers = make_optimizers(self.nets, args)
-        self.hp = StepConfig.from_args(args)
         self.start_epoch, self.start_step, self.history, self.partial, self.skipped = 0, 0, [], None, 0
         if resumed:
             self._resume(resumed)
+        # The fast D path holds only for the D it was written for: checked here, before the first step.
+        self.hp = check_d_gradients(self.nets, StepConfig.from_args(args),
+                                    say=print if group.is_main else lambda *a, **k: None)
         group.broadcast_(self.nets)  # equal already (same seed, same file); now equal to the bit on any hardware
         self.average = group.average if group.active else None
 

@@ -1,4 +1,6 @@
-"""Checkpoints, devices, flags and files shared by train.py and the evaluation scripts."""
+"""What the scripts share: user errors, flags, the device, atomic file writes, the run lock and image grids.
+
+The checkpoint format is checkpoint.py's."""
 import argparse
 import csv
 import ctypes
@@ -6,30 +8,17 @@ import errno
 import io
 import json
 import os
-import pickle
-import re
 import sys
 import tempfile
-import warnings
-import zipfile
 
 import torch
 from torchvision.utils import save_image
 
-from data import DataError, channels_of
-from models import ModelConfig, Networks
-
-CHECKPOINT_NAME = "checkpoint.pth.tar"
-FORMAT = "adversarial-wake-sleep"
-FORMAT_VERSION = 1
+from data import DataError
 
 
 class UserError(Exception):
     """A problem with the user's input: printed as one line, no traceback."""
-
-
-class CheckpointError(UserError):
-    pass
 
 
 def str2bool(value):
@@ -173,143 +162,12 @@ class RunLock:
         self.file.flush()
 
 
-def _on_cpu(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.cpu()
-    if isinstance(obj, dict):
-        return {k: _on_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_on_cpu(v) for v in obj)
-    return obj
-
-
-def save_checkpoint(path, state):
-    # Tensors go to the CPU, so that a checkpoint written on a GPU loads on a machine without one.
-    state = {"format": FORMAT, "format_version": FORMAT_VERSION, **_on_cpu(state)}
-    write_atomically(path, lambda f: f.write(serialized(state)))
-
-
 def serialized(obj):
     """torch.save's bytes, made in memory: a full disk then fails in a plain write, with its errno
     (torch.save into a file turns it into an opaque RuntimeError of its zip writer)."""
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getbuffer()
-
-
-def resolve_checkpoint_path(path):
-    """A checkpoint file, or a run folder holding checkpoint.pth.tar."""
-    if os.path.isdir(path):
-        path = os.path.join(path, CHECKPOINT_NAME)
-    if not os.path.exists(path):
-        raise CheckpointError(f"no checkpoint at {path}")
-    return path
-
-
-ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """Read a checkpoint of this project with weights_only=True; anything else is a CheckpointError.
-
-    weights_only rebuilds tensors and plain containers only: a file that would need other
-    Python objects (and so could run code while being unpickled) is refused before any runs."""
-    path = resolve_checkpoint_path(path)
-    with open(path, "rb") as f:
-        head = f.read(len(ZIP_MAGIC))
-    if not head:
-        raise CheckpointError(f"{path} is empty (a write that never finished?)")
-    if ZIP_MAGIC.startswith(head) and not zipfile.is_zipfile(path):
-        # A zip archive keeps its directory at the end, the first thing a cut-off copy loses.
-        raise CheckpointError(f"{path} is truncated: a zip archive without its end "
-                              f"(a copy or write that never finished?)")
-    try:
-        with warnings.catch_warnings():  # torch warns about unusual pickles before refusing them; the error says it all
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights only load failed" not in str(e).lower():
-            raise CheckpointError(f"{path} is damaged: {_first_line(e)}") from None
-        culprit = re.search(r"GLOBAL (\S+)", str(e))
-        raise CheckpointError(
-            f"{path} needs Python objects beyond tensors and plain data"
-            + (f" ({culprit.group(1)})" if culprit else "")
-            + " that only a full unpickling could rebuild, and a full unpickling can run arbitrary code: refused. "
-            "(The original release's checkpoints pickle an argparse Namespace.)") from None
-    except Exception as e:  # torch.load fails on foreign bytes in many ways: KeyError, RuntimeError, EOFError ...
-        raise CheckpointError(
-            f"{path} is not a PyTorch checkpoint ({e.__class__.__name__}: {_first_line(e)})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is a PyTorch file but not an adversarial wake-sleep checkpoint")
-    if state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format version {state.get('format_version')}; "
-                              f"this code reads version {FORMAT_VERSION}")
-    missing = [k for k in ("model", "networks") if k not in state]
-    if missing:
-        raise CheckpointError(f"{path} is damaged: it lacks {', '.join(missing)}")
-    try:
-        ModelConfig.from_dict(state["model"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path} has an invalid model config: {e}") from None
-    return state
-
-
-def _first_line(error):
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else "no detail"
-
-
-def _as_flag(field, value):
-    """A model-config field's value as the flag that sets it."""
-    if field == "readout":
-        return "--gamma below 1 (a readout discriminator)" if value else "--gamma 1 (no readout discriminator)"
-    if field == "channels":
-        return "a 1-channel --dataset (mnist, digits)" if value == 1 else "a 3-channel --dataset (cifar10, folders)"
-    return f"--{field.replace('_', '-')} {value}"
-
-
-def check_architecture(saved: ModelConfig, requested: dict, advice="drop those flags or give the checkpoint's"):
-    """Refuse flags that contradict the checkpoint's architecture, in the flags' words, naming each."""
-    diffs = [k for k, v in requested.items() if v is not None and getattr(saved, k) != v]
-    if diffs:
-        raise CheckpointError("this checkpoint was trained with " + ", ".join(_as_flag(k, getattr(saved, k))
-                                                                              for k in diffs)
-                              + "; the flags say " + ", ".join(_as_flag(k, requested[k]) for k in diffs)
-                              + f": {advice}")
-
-
-def networks_from_checkpoint(state, device="cpu"):
-    """Rebuild the networks from a checkpoint alone (its model config is plain data)."""
-    cfg = ModelConfig.from_dict(state["model"])
-    nets = Networks(cfg)
-    try:
-        nets.load_state_dict(state["networks"])
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint weights do not fit its own model config: {str(e).splitlines()[0]}") from None
-    return nets.to(device)
-
-
-def add_architecture_flags(parser):
-    """Architecture flags of scripts that read a checkpoint. Each defaults to None: the checkpoint
-    alone defines the networks, and only the flags the user gave are checked against it."""
-    g = parser.add_argument_group("architecture (optional: checked against the checkpoint)")
-    g.add_argument("--image-size", type=int, default=None, help="image side S")
-    g.add_argument("--n-filters", type=int, default=None, help="channels of Layer1")
-    g.add_argument("--noise-dim", type=int, default=None, help="units of Layer5")
-    add_bool_flag(g, "--divisive-normalization", "divisive normalization (a bare switch means True)", default=None)
-
-
-def load_networks(path, device, args=None):
-    """Checkpoint (file or run folder) -> (state, networks on device), refusing architecture flags
-    in args (see add_architecture_flags; args.dataset gives the channels) that contradict it."""
-    state = load_checkpoint(path)
-    if args is not None:
-        dataset = getattr(args, "dataset", None)
-        check_architecture(ModelConfig.from_dict(state["model"]), {
-            "image_size": args.image_size, "n_filters": args.n_filters, "noise_dim": args.noise_dim,
-            "divisive_normalization": args.divisive_normalization,
-            "channels": channels_of(dataset) if dataset else None})
-    return state, networks_from_checkpoint(state, device)
 
 
 def add_release_flags(parser, flags):

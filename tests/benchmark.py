@@ -3,6 +3,7 @@
 
     python tests/benchmark.py --out bench.json              # CPU, and CUDA when present
     python tests/benchmark.py --baseline --epoch            # + the term-by-term step, + a whole epoch
+    python tests/benchmark.py --epoch --mnist DIR           # the epoch on DIR/MNIST/raw's test digits
 
 For each of the paper's settings it reports the median time of a training step after warm-up
 (float32 in the default alternating order and in the simultaneous one, and bf16 autocast as with
@@ -10,8 +11,8 @@ train.py --amp; on CUDA also with TF32 matmuls, without the
 finiteness check's host synchronization, and without cuDNN's autotuning), the step's
 floating-point operations (counted by torch.utils.flop_counter's formulas) and the fraction of
 this machine's dense float32 matrix-multiply rate they achieve, so that a figure means something
-on any machine. `--baseline` also times the plain term-by-term evaluation of SPEC.md's losses
-(each loss with its own forward passes, as the original release computes them); `--compile`
+on any machine. `--baseline` also times the plain term-by-term evaluation of the losses of
+docs/algorithm.md (each loss with its own forward passes, as the original release computes them); `--compile`
 the step with the inference and generator networks under torch.compile.
 """
 import argparse
@@ -35,7 +36,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import discriminator_gradients  # noqa: E402
 import train  # noqa: E402
 from data import TensorBatches  # noqa: E402
+from losses import StepConfig  # noqa: E402
 from models import ModelConfig, Networks  # noqa: E402
+from step import make_optimizers, training_step  # noqa: E402
 from utils import keep_freed_memory, pick_device  # noqa: E402
 
 # The paper's command lines (tests/seed_commands.txt) as step settings.
@@ -81,30 +84,30 @@ def build(name, device, prepare=None):
     nets = Networks(cfg).to(device)
     if prepare is not None:
         nets = prepare(nets)
-    return nets, train.make_optimizers(nets, args), train.StepConfig.from_args(args), s["batch"]
+    return nets, make_optimizers(nets, args), StepConfig.from_args(args), s["batch"]
 
 
 def fast_step(nets, optimizers, x, hp):
-    train.training_step(nets, optimizers, x, hp)
+    training_step(nets, optimizers, x, hp)
 
 
 def amp_step(nets, optimizers, x, hp):
-    train.training_step(nets, optimizers, x, dataclasses.replace(hp, amp=True))
+    training_step(nets, optimizers, x, dataclasses.replace(hp, amp=True))
 
 
 def simultaneous_step(nets, optimizers, x, hp):
     # Every gradient at the same weights (--update-order simultaneous): what the default's fresh passes cost.
-    train.training_step(nets, optimizers, x, dataclasses.replace(hp, update_order="simultaneous"))
+    training_step(nets, optimizers, x, dataclasses.replace(hp, update_order="simultaneous"))
 
 
 def autograd_d_step(nets, optimizers, x, hp):
     # D's state gradients by autograd's double backward (--d-gradients autograd), the plain path.
-    train.training_step(nets, optimizers, x, dataclasses.replace(hp, d_gradients="autograd"))
+    training_step(nets, optimizers, x, dataclasses.replace(hp, d_gradients="autograd"))
 
 
 def unchecked_step(nets, optimizers, x, hp):
     # Without the finiteness check's one host synchronization per step: what that check costs.
-    train.training_step(nets, optimizers, x, hp, check_finite=False)
+    training_step(nets, optimizers, x, hp, check_finite=False)
 
 
 @contextlib.contextmanager
@@ -187,14 +190,16 @@ def count_flops(step, nets, optimizers, hp, batch, device):
     return counter.flops
 
 
-def mnist_like_images(n):
-    """n MNIST-shaped uint8 images: the real test digits of ../shared repeated, else scikit-learn's digits."""
+def mnist_like_images(n, mnist_root=None):
+    """n MNIST-shaped uint8 images: the test digits of an MNIST folder (mnist_root/MNIST/raw) repeated,
+    else scikit-learn's digits."""
     from data import load_in_memory
-    shared = os.path.join(ROOT, "..", "shared", "data")
     try:
+        if mnist_root is None:
+            raise FileNotFoundError
         import gzip
         import numpy as np
-        with gzip.open(os.path.join(shared, "MNIST", "raw", "t10k-images-idx3-ubyte.gz")) as f:
+        with gzip.open(os.path.join(mnist_root, "MNIST", "raw", "t10k-images-idx3-ubyte.gz")) as f:
             digits = torch.from_numpy(np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28).copy())
         source = "real MNIST test digits, repeated"
     except OSError:
@@ -204,11 +209,11 @@ def mnist_like_images(n):
     return digits.repeat(reps, 1, 1, 1)[:n], source
 
 
-def time_epoch(device, n_images):
+def time_epoch(device, n_images, mnist_root=None):
     """A whole epoch of the paper's MNIST setting, resizing and batching included."""
     from data import _resize
     nets, optimizers, hp, batch = build("mnist", device)
-    raw, source = mnist_like_images(n_images)
+    raw, source = mnist_like_images(n_images, mnist_root)
     sync(device)
     t = time.perf_counter()
     images = _resize(raw, 32)  # what make_batches does once per run
@@ -216,7 +221,7 @@ def time_epoch(device, n_images):
     batches.set_epoch(0, 0)
     steps = 0
     for x, _ in batches:
-        train.training_step(nets, optimizers, x, hp)
+        training_step(nets, optimizers, x, hp)
         steps += 1
     sync(device)
     return {"images": n_images, "data": source, "steps": steps, "seconds": time.perf_counter() - t}
@@ -231,6 +236,8 @@ def main():
     p.add_argument("--epoch", action="store_true", help="also time a whole MNIST epoch with data")
     p.add_argument("--compile", action="store_true", help="also time the step with F and G under torch.compile")
     p.add_argument("--epoch-images", type=int, default=60000)
+    p.add_argument("--mnist", default=None, metavar="DIR",
+                   help="the epoch's images: the test digits of DIR/MNIST/raw (default: scikit-learn's digits)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
     keep_freed_memory()  # as train.py does
@@ -276,7 +283,7 @@ def main():
                       f"steps/s {row['gflop_per_step']:7.2f} GFLOP {100 * row['fraction_of_matmul_rate']:5.1f}% "
                       f"of matmul")
         if args.epoch:
-            epoch = time_epoch(device, args.epoch_images)
+            epoch = time_epoch(device, args.epoch_images, args.mnist)
             report["devices"][dev]["mnist_epoch"] = epoch
             print(f"  mnist epoch: {epoch['images']} images, {epoch['steps']} steps, {epoch['seconds']:.1f} s")
     if args.out:

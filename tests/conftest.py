@@ -1,4 +1,4 @@
-"""Small datasets the tests make themselves (no network, no ../shared)."""
+"""Small datasets the tests make themselves (no network, no files from outside the repository)."""
 import os
 import pickle
 import struct

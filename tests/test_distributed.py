@@ -22,11 +22,13 @@ import torch
 from conftest import ROOT, TINY, write_mnist
 from PIL import Image
 
+from checkpoint import checkpoint_state, load_checkpoint, save_checkpoint
 import data
 import distributed
 import train
-import utils
+from losses import StepConfig, step_losses
 from models import Networks
+from step import make_optimizers
 
 WORLD = 2
 # 72 images in global batches of 16: four steps, each process training on 8 images a step, and a fifth
@@ -124,8 +126,8 @@ def _one_process_averaging_shards(argv, images):
     args = train.get_parser().parse_args(argv)
     torch.manual_seed(args.seed)
     nets = Networks(train.model_config(args))
-    optimizers = train.make_optimizers(nets, args)
-    hp = train.StepConfig.from_args(args)
+    optimizers = make_optimizers(nets, args)
+    hp = StepConfig.from_args(args)
     B, seed = args.batch_size, args.seed
     permuter = torch.Generator().manual_seed(seed * 1_000_003 + data.PERMUTATION_OFFSET)
     order = torch.randperm(len(images), generator=permuter)  # epoch 0
@@ -140,7 +142,7 @@ def _one_process_averaging_shards(argv, images):
         for r in range(WORLD):
             replica = copy.deepcopy(nets)
             torch.set_rng_state(streams[r])
-            terms = train.step_losses(replica, data.to_unit_range(images[batch[r::WORLD]]), hp)
+            terms = step_losses(replica, data.to_unit_range(images[batch[r::WORLD]]), hp)
             terms.simultaneous_total(hp.gamma).backward(inputs=list(replica.parameters()))
             out = terms.out
             streams[r] = torch.get_rng_state()
@@ -186,7 +188,7 @@ def test_two_processes_hold_equal_parameters_equal_to_one_process_averaging_thei
         assert a["out"] == b["out"] and a["out"] == pytest.approx(e["out"], rel=1e-6, abs=1e-9), step
 
     # Rank 0 alone wrote; the checkpoint and metrics are the global ones.
-    state = utils.load_checkpoint(out)
+    state = load_checkpoint(out)
     assert all(torch.equal(state["networks"][k], v) for k, v in expected[-1]["state"].items())
     row = state["history"][0]
     for k in train.METRICS:
@@ -206,7 +208,7 @@ def test_a_signal_to_one_process_stops_both_at_one_step_and_torchrun_resumes_the
     code, ranks = spawn(argv, tmp_path)
     assert code == 128 + signal.SIGTERM
     assert len(ranks[0]) == len(ranks[1]) == 2  # rank 0, never signalled, stopped at the same step
-    stopped = utils.load_checkpoint(tmp_path)
+    stopped = load_checkpoint(tmp_path)
     assert (stopped["epoch"], stopped["step"]) == (0, 2) and len(stopped["rng_by_rank"]) == WORLD
 
     # Every process resumes from rank 0's file, with its own random stream: as if never stopped.
@@ -217,7 +219,7 @@ def test_a_signal_to_one_process_stops_both_at_one_step_and_torchrun_resumes_the
     assert done.stdout.count("epoch=1 steps=5") == 1 and done.stderr.count("resumed from") == 0
     assert done.stdout.count("resumed from") == 1  # rank 0 alone prints,
     assert done.stderr.count("?it/s]") == 1  # and shows a progress bar (this is its first drawing)
-    a, b = utils.load_checkpoint(straight), utils.load_checkpoint(tmp_path)
+    a, b = load_checkpoint(straight), load_checkpoint(tmp_path)
     for k in a["networks"]:
         assert torch.equal(a["networks"][k], b["networks"][k]), k
     assert a["history"][0]["loss_g"] == b["history"][0]["loss_g"]
@@ -227,7 +229,7 @@ def test_a_signal_to_one_process_stops_both_at_one_step_and_torchrun_resumes_the
     alone = tmp_path / "alone"
     assert train.main(argv + ["--resume", str(tmp_path / "stopped.pth.tar"), "--out", str(alone)]) == 0
     assert "stopped inside an epoch with 2 processes, not 1" in capsys.readouterr().err
-    assert utils.load_checkpoint(alone)["epoch"] == 1
+    assert load_checkpoint(alone)["epoch"] == 1
 
 
 def mbstd_columns(cfg):
@@ -251,7 +253,7 @@ def _quiet_start(argv, path):
             m.scale.zero_()
         for name, cols in mbstd_columns(nets.cfg).items():
             params[name][:, cols] = 0
-    utils.save_checkpoint(path, train.checkpoint_state(args, nets, train.make_optimizers(nets, args), args.seed, 0, 0,
+    save_checkpoint(path, checkpoint_state(args, nets, make_optimizers(nets, args), args.seed, 0, 0,
                                                        []))
     return nets.cfg
 
@@ -444,6 +446,6 @@ def test_a_batch_one_process_cannot_read_is_skipped_by_both(tmp_path, capfd):
     code, ranks = spawn(argv, tmp_path / "out")
     assert code == 0
     assert len(ranks[0]) == len(ranks[1]) == trained
-    assert utils.load_checkpoint(tmp_path / "out")["history"][0]["steps"] == trained
+    assert load_checkpoint(tmp_path / "out")["history"][0]["steps"] == trained
     err = capfd.readouterr().err
     assert f"skipped {3 - trained} steps (non-finite, or too few readable images on a process)" in err

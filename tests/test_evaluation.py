@@ -15,12 +15,13 @@ from conftest import ROOT, TINY, write_cifar10, write_mnist
 from PIL import Image
 
 import fid
+from checkpoint import CHECKPOINT_NAME, checkpoint_state, save_checkpoint
 import generate_and_save_imgs as gen
 import models
 import SVM_classify_from_model as svm
 import train
 import utils
-from utils import CHECKPOINT_NAME, save_checkpoint
+from step import make_optimizers
 
 
 def make_checkpoint(folder, dataset, data, *flags):
@@ -34,7 +35,7 @@ def make_checkpoint(folder, dataset, data, *flags):
             conv.weight.mul_(12)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, CHECKPOINT_NAME)
-    save_checkpoint(path, train.checkpoint_state(args, nets, train.make_optimizers(nets, args), 0, 1, 0, []))
+    save_checkpoint(path, checkpoint_state(args, nets, make_optimizers(nets, args), 0, 1, 0, []))
     return path
 
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint, save_checkpoint
 import data
 import losses
 import train
@@ -118,14 +119,14 @@ def test_signal_mid_epoch_saves_and_resume_matches_uninterrupted_run(sig, small_
     ckpt = tmp_path / "checkpoint.pth.tar"
     assert f"--resume {ckpt}" in err and "Traceback" not in err
 
-    state = utils.load_checkpoint(ckpt)
+    state = load_checkpoint(ckpt)
     # Saved inside an epoch (the first, unless this machine stalled the test for a whole epoch).
     assert state["partial"] is not None and 0 < state["step"] < STEPS, (state["epoch"], state["step"])
     resumed = subprocess.run([sys.executable, "train.py", *argv, "--resume", str(ckpt)], cwd=ROOT,
                              env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120, check=False)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {ckpt}: {state['epoch']} epochs and {state['step']} steps" in resumed.stdout
-    same_training_state(utils.load_checkpoint(straight_run), utils.load_checkpoint(ckpt))
+    same_training_state(load_checkpoint(straight_run), load_checkpoint(ckpt))
 
 
 def test_second_signal_exits_at_once_and_abandons_the_write_cleanly(tmp_path, capsys):
@@ -140,7 +141,7 @@ def test_second_signal_exits_at_once_and_abandons_the_write_cleanly(tmp_path, ca
 
     # The KeyboardInterrupt may land inside a checkpoint write: the old file stays, the temporary goes.
     path = tmp_path / "checkpoint.pth.tar"
-    utils.save_checkpoint(path, {"epoch": 1})
+    save_checkpoint(path, {"epoch": 1})
 
     def half_then_interrupted(f):
         f.write(b"PK\x03\x04 half a checkpoint")
@@ -159,12 +160,12 @@ def numbered_checkpoint(i):
 
 def keep_writing_checkpoints(path, first):
     for i in range(first, first + 10 ** 6):
-        utils.save_checkpoint(path, numbered_checkpoint(i))
+        save_checkpoint(path, numbered_checkpoint(i))
 
 
 def test_sigkill_during_checkpoint_writes_leaves_the_last_one_readable(tmp_path):
     path = str(tmp_path / "checkpoint.pth.tar")
-    utils.save_checkpoint(path, numbered_checkpoint(-1))
+    save_checkpoint(path, numbered_checkpoint(-1))
     rng = random.Random(0)
     seen = set()
     for round_ in range(8):
@@ -178,7 +179,7 @@ def test_sigkill_during_checkpoint_writes_leaves_the_last_one_readable(tmp_path)
         time.sleep(rng.uniform(0, 0.1))  # then kill it at a random moment of a later write
         os.kill(writer.pid, signal.SIGKILL)
         writer.join()
-        state = utils.load_checkpoint(path)  # whole: one of the writes, never part of one
+        state = load_checkpoint(path)  # whole: one of the writes, never part of one
         assert torch.all(state["networks"]["weights"] == state["i"])
         seen.add(state["i"] // 10 ** 6)
     assert seen == set(range(8))  # every round had written at least once before its kill
@@ -188,7 +189,7 @@ def test_sigkill_during_checkpoint_writes_leaves_the_last_one_readable(tmp_path)
 
 def test_save_every_keeps_epoch_copies(straight_run):
     for epoch in (1, 2):
-        assert utils.load_checkpoint(straight_run / f"checkpoint_epoch{epoch}.pth.tar")["epoch"] == epoch
+        assert load_checkpoint(straight_run / f"checkpoint_epoch{epoch}.pth.tar")["epoch"] == epoch
 
 
 # --- Damaged, foreign and unsafe checkpoints ----------------------------------------------------
@@ -216,9 +217,9 @@ def damaged_checkpoints(folder, good):
     marker = str(folder / "code_ran")
     paths["pickle that runs code"] = folder / "evil_pickle.pth.tar"
     with open(paths["pickle that runs code"], "wb") as f:
-        pickle.dump({"format": utils.FORMAT, "payload": RunsCode(marker)}, f)
+        pickle.dump({"format": FORMAT, "payload": RunsCode(marker)}, f)
     paths["torch file that runs code"] = folder / "evil_torch.pth.tar"
-    torch.save({"format": utils.FORMAT, "format_version": utils.FORMAT_VERSION, "payload": RunsCode(marker)},
+    torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, "payload": RunsCode(marker)},
                paths["torch file that runs code"])
     paths["foreign torch file"] = folder / "foreign.pth.tar"
     torch.save({"state_dict": {"weight": torch.zeros(3)}}, paths["foreign torch file"])
@@ -327,8 +328,8 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_state(small_mnist, straigh
     assert "non-finite loss_g" in line and "epoch 2, step 3" in line, line
 
     assert ckpt.read_bytes() == on_disk["before"]  # the last good checkpoint was not written over
-    assert utils.load_checkpoint(ckpt)["epoch"] == 1
-    good = utils.load_checkpoint(tmp_path / "nonfinite_state.pth.tar")
+    assert load_checkpoint(ckpt)["epoch"] == 1
+    good = load_checkpoint(tmp_path / "nonfinite_state.pth.tar")
     assert (good["epoch"], good["step"]) == (1, 2)
     assert all(torch.isfinite(t).all() for t in good["networks"].values() if t.is_floating_point())
     # The bad step left no trace: BatchNorm counted, and Adam stepped, for the good steps only.
@@ -337,7 +338,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_state(small_mnist, straigh
 
     monkeypatch.undo()  # resuming from the saved state finishes the run
     assert train.main(common_args(small_mnist, tmp_path) + ["--resume", str(tmp_path / "nonfinite_state.pth.tar")]) == 0
-    assert utils.load_checkpoint(ckpt)["epoch"] == 2
+    assert load_checkpoint(ckpt)["epoch"] == 2
 
 
 def test_skip_nonfinite_skips_up_to_n_steps_then_stops(small_mnist, tmp_path, capsys, monkeypatch):
@@ -347,7 +348,7 @@ def test_skip_nonfinite_skips_up_to_n_steps_then_stops(small_mnist, tmp_path, ca
     err = capsys.readouterr().err
     assert "skipped epoch 1, step 3: non-finite loss_g" in err
     assert "epoch 1, step 5" in one_error_line(err)
-    good = utils.load_checkpoint(tmp_path / "nonfinite_state.pth.tar")
+    good = load_checkpoint(tmp_path / "nonfinite_state.pth.tar")
     assert good["step"] == 4 and good["partial"]["skipped"] == 1 and good["skipped_steps"] == 1
     assert good["networks"]["inference.norms.0.num_batches_tracked"] == 3
 
@@ -379,7 +380,7 @@ def test_unreadable_images_are_named_skipped_and_counted(image_folder, tmp_path,
     for name in ("corrupt.png", "truncated.png"):
         assert re.search(rf"skipping unreadable image \S*{name}", err), err
     assert "epoch 1: skipped 2 unreadable images" in err
-    assert utils.load_checkpoint(tmp_path)["epoch"] == 1
+    assert load_checkpoint(tmp_path)["epoch"] == 1
 
 
 @pytest.mark.parametrize("dataset, victim", [("mnist", "MNIST/raw/train-labels-idx1-ubyte"),
@@ -473,7 +474,7 @@ def test_a_full_disk_during_a_checkpoint_write_stops_in_one_line_and_loses_nothi
     line = one_error_line(capsys.readouterr().err)
     assert f"cannot write {tmp_path}/checkpoint.pth.tar: no space left on device" in line
     assert "checkpoint.pth.tar holds epoch 1" in line and "--resume" in line
-    assert utils.load_checkpoint(tmp_path)["epoch"] == 1  # whole, and the last one written
+    assert load_checkpoint(tmp_path)["epoch"] == 1  # whole, and the last one written
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
 
 
@@ -491,7 +492,7 @@ def test_a_read_only_file_system_and_a_failing_sample_grid(small_mnist, tmp_path
     assert train.main(common_args(small_mnist, tmp_path / "grid", epochs=2) + ["--save-imgs"]) == 0
     err = capsys.readouterr().err
     assert err.count("training goes on without sample grids") == 1 and "input/output error" in err
-    assert utils.load_checkpoint(tmp_path / "grid")["epoch"] == 2
+    assert load_checkpoint(tmp_path / "grid")["epoch"] == 2
 
 
 def test_stray_temporary_files_of_a_killed_run_are_removed_and_named(small_mnist, tmp_path, capsys):

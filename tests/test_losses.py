@@ -1,4 +1,4 @@
-"""Each loss term of SPEC.md's training step against hand-computed values."""
+"""Each loss term of the training step (docs/algorithm.md) against hand-computed values."""
 import math
 
 import pytest

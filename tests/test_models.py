@@ -1,4 +1,4 @@
-"""Shapes, layers and schedules of the four networks (SPEC: Architecture)."""
+"""Shapes, layers and schedules of the four networks (docs/algorithm.md)."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""The training step against a plain term-by-term evaluation of SPEC.md, and the training loop."""
+"""The training step against a plain term-by-term evaluation of docs/algorithm.md, and the training loop."""
 import contextlib
 import copy
 import csv
@@ -9,10 +9,15 @@ import shlex
 import pytest
 import torch
 
+import discriminator_gradients
 import losses
+import models
+import step
 import train
 from conftest import DEVICES, TINY, write_cifar10, write_mnist
+from losses import StepConfig
 from models import ModelConfig, Networks
+from step import NonFiniteError, _statistics_kept, check_d_gradients, make_optimizers, training_step
 
 
 def _quiet_nets(readout, seed=0, dtype=torch.float32):
@@ -31,7 +36,7 @@ def _params(net):
 
 
 class Reference:
-    """SPEC.md's losses, each from its own forward passes of the networks as they are when it is
+    """The losses of docs/algorithm.md, each from its own forward passes of the networks as they are when it is
     called: the batch's wake state W, the noise z and the sleep state S are drawn once."""
 
     def __init__(self, nets, x, hp, seed):
@@ -141,17 +146,17 @@ def fast_gradients(nets, x, hp, seed):
     # lr = 0: Adam leaves the parameters alone and the gradients stay in .grad.
     optimizers = {name: torch.optim.Adam(net.parameters(), lr=0.0) for name, net in nets.parts().items()}
     torch.manual_seed(seed)
-    out = train.training_step(nets, optimizers, x, hp)
+    out = training_step(nets, optimizers, x, hp)
     grads = {name: [p.grad if p.grad is not None else torch.zeros_like(p) for p in net.parameters()]
              for name, net in nets.parts().items()}
     return grads, out
 
 
 SETTINGS = {
-    "paper-mnist": train.StepConfig(gamma=1.0, lamda=0.9, kl_from_sn=True, gradient_clipping=0),
-    "doubly-adversarial": train.StepConfig(gamma=0.9, lamda=0.7, lamda2=7, kl_from_sn=True, gradient_clipping=0),
-    "scaled-replayed": train.StepConfig(gamma=0.6, scale_by_d=True, prioritized_replay=True, gradient_clipping=0),
-    "wgan": train.StepConfig(gamma=0.0, gradient_clipping=0),
+    "paper-mnist": StepConfig(gamma=1.0, lamda=0.9, kl_from_sn=True, gradient_clipping=0),
+    "doubly-adversarial": StepConfig(gamma=0.9, lamda=0.7, lamda2=7, kl_from_sn=True, gradient_clipping=0),
+    "scaled-replayed": StepConfig(gamma=0.6, scale_by_d=True, prioritized_replay=True, gradient_clipping=0),
+    "wgan": StepConfig(gamma=0.0, gradient_clipping=0),
 }
 
 
@@ -200,7 +205,7 @@ def test_each_order_of_updates_equals_its_term_by_term_step(name, device):
         fast = copy.deepcopy(nets)
         optimizers = {n: torch.optim.SGD(net.parameters(), lr=lr) for n, net in fast.parts().items()}
         torch.manual_seed(3)
-        train.training_step(fast, optimizers, x, hp)
+        training_step(fast, optimizers, x, hp)
         for net_name in ref.parts():
             for a, b in zip(fast.parts()[net_name].parameters(), ref.parts()[net_name].parameters()):
                 assert (a - b).abs().max() <= 1e-9 * b.abs().max() + 1e-12, (order, net_name)
@@ -236,14 +241,14 @@ def test_gamma_one_builds_no_readout_and_gamma_below_one_does():
     assert train.model_config(args).readout is False
     args = train.get_parser().parse_args(["--gamma", "0.9"])
     assert train.model_config(args).readout is True
-    assert "readout" in train.make_optimizers(Networks(train.model_config(args)), args)
+    assert "readout" in make_optimizers(Networks(train.model_config(args)), args)
 
 
 def test_gradient_clipping_bounds_d_and_f_only():
     nets = _quiet_nets(readout=False)
     optimizers = {name: torch.optim.Adam(net.parameters(), lr=0.0) for name, net in nets.parts().items()}
-    hp = train.StepConfig(gamma=1.0, lamda=0.9, gradient_clipping=1e-3)
-    train.training_step(nets, optimizers, torch.rand(6, 1, 32, 32) * 2 - 1, hp)
+    hp = StepConfig(gamma=1.0, lamda=0.9, gradient_clipping=1e-3)
+    training_step(nets, optimizers, torch.rand(6, 1, 32, 32) * 2 - 1, hp)
     for name in ("discriminator", "inference"):
         assert max(p.grad.abs().max().item() for p in nets.parts()[name].parameters()) <= 1e-3 * (1 + 1e-5)
     assert max(p.grad.abs().max().item() for p in nets.generator.parameters()) > 1e-3
@@ -257,12 +262,12 @@ def test_a_short_run_learns():
     data = torch.from_numpy(class_images(labels.numpy(), 32, 1, seed=0)).float() / 127.5 - 1
     nets = Networks(ModelConfig(n_filters=8, noise_dim=8, divisive_normalization=True))
     args = train.get_parser().parse_args(["--lr-d", "1e-3", "--lr-e", "1e-3", "--lr-g", "1e-3"])
-    optimizers = train.make_optimizers(nets, args)
-    hp = train.StepConfig(gamma=1.0, lamda=0.3)
+    optimizers = make_optimizers(nets, args)
+    hp = StepConfig(gamma=1.0, lamda=0.3)
     history = []
-    for step in range(60):
+    for _ in range(60):
         idx = torch.randperm(64)[:32]
-        out = train.training_step(nets, optimizers, data[idx], hp)
+        out = training_step(nets, optimizers, data[idx], hp)
         history.append({k: v.item() for k, v in out.items()})
     gap = [h["d_wake"] - h["d_sleep"] for h in history[2:12]]
     assert sum(gap) / len(gap) > 0.1, gap
@@ -370,14 +375,14 @@ def test_amp_bf16_stays_finite_and_close_to_float32(divisive, device):
     from conftest import class_images
     data = torch.from_numpy(class_images((torch.arange(32) % 10).numpy(), 32, 1, seed=1)).float() / 127.5 - 1
     data = data.to(device)
-    hp = train.StepConfig(gamma=0.9, lamda=0.7, lamda2=7, kl_from_sn=True)
+    hp = StepConfig(gamma=0.9, lamda=0.7, lamda2=7, kl_from_sn=True)
     runs = {}
     for amp in (False, True):
         torch.manual_seed(0)
         nets = Networks(ModelConfig(n_filters=8, noise_dim=8, divisive_normalization=divisive,
                                     readout=True)).to(device)
-        optimizers = train.make_optimizers(nets, train.get_parser().parse_args([]))
-        runs[amp] = [train.training_step(nets, optimizers, data, dataclasses.replace(hp, amp=amp)) for _ in range(4)]
+        optimizers = make_optimizers(nets, train.get_parser().parse_args([]))
+        runs[amp] = [training_step(nets, optimizers, data, dataclasses.replace(hp, amp=amp)) for _ in range(4)]
         assert all(p.dtype == torch.float32 for p in nets.parameters())
     compared = ["loss_d", "loss_f", "loss_g", "d_wake", "d_sleep"] + ([] if divisive else ["loss_r"])
     for fp32, bf16 in zip(runs[False], runs[True]):
@@ -416,7 +421,7 @@ def test_a_non_finite_generator_phase_names_the_critics_that_stepped(monkeypatch
     nets = _quiet_nets(readout=True)
     optimizers = {n: torch.optim.SGD(net.parameters(), lr=0.1) for n, net in nets.parts().items()}
     in_generator_phase = []
-    real = train._statistics_kept
+    real = _statistics_kept
 
     @contextlib.contextmanager
     def flagged(module):
@@ -424,12 +429,12 @@ def test_a_non_finite_generator_phase_names_the_critics_that_stepped(monkeypatch
         with real(module):
             yield
 
-    monkeypatch.setattr(train, "_statistics_kept", flagged)
+    monkeypatch.setattr(step, "_statistics_kept", flagged)
     nets.readout.register_forward_hook(lambda m, i, out: out * float("nan") if in_generator_phase else out)
     before = copy.deepcopy(nets)
     hp = dataclasses.replace(SETTINGS["doubly-adversarial"], update_order="alternating")
-    with pytest.raises(train.NonFiniteError) as e:
-        train.training_step(nets, optimizers, torch.rand(6, 1, 32, 32) * 2 - 1, hp)
+    with pytest.raises(NonFiniteError) as e:
+        training_step(nets, optimizers, torch.rand(6, 1, 32, 32) * 2 - 1, hp)
     assert e.value.terms == ["gradient of generator"]
     assert e.value.stepped == ["discriminator", "readout", "inference"]
     for name in ("generator", "discriminator"):
@@ -451,7 +456,7 @@ def test_the_plain_autograd_path_trains_as_the_written_out_one(name, order):
         optimizers = {n: torch.optim.SGD(net.parameters(), lr=0.1) for n, net in run.parts().items()}
         torch.manual_seed(3)
         for _ in range(3):
-            train.training_step(run, optimizers, x, hp)
+            training_step(run, optimizers, x, hp)
         after[path] = run
     for net_name in nets.parts():
         for a, b in zip(after["autograd"].parts()[net_name].parameters(),
@@ -462,3 +467,61 @@ def test_the_plain_autograd_path_trains_as_the_written_out_one(name, order):
     moved = max((a - b).abs().max().item() for a, b in zip(after["autograd"].discriminator.parameters(),
                                                           nets.discriminator.parameters()))
     assert moved > 1e-4  # the steps did something for the two paths to agree on
+
+
+def _head_with_slope(slope):
+    """Discriminator._head as a researcher might edit it: another LeakyReLU slope, written inline."""
+    def head(self, hidden):
+        a = models._add_noise(hidden, self.sigma)
+        r = torch.nn.functional.leaky_relu(a, slope)
+        n = models.divisive_norm(r) if self.divisive_normalization else r
+        return self.out(n).squeeze(1), a, r
+    return head
+
+
+def test_the_written_out_d_gradients_check_themselves_against_discriminator_forward(monkeypatch):
+    """The unedited D passes the start-of-run check and keeps the fast path; a D edited in its
+    forward pass (another LeakyReLU slope) fails it, and the step falls back to autograd, saying so."""
+    nets = Networks(ModelConfig(n_filters=4, noise_dim=6, divisive_normalization=True))
+    shapes = nets.cfg.state_shapes()
+    hp = StepConfig(gamma=0.9)
+    said = []
+    assert discriminator_gradients.agrees_with_autograd(nets.discriminator, shapes)
+    assert check_d_gradients(nets, hp, say=lambda *a, **k: said.append(a)) is hp and not said
+
+    monkeypatch.setattr(models.Discriminator, "_head", _head_with_slope(0.2))
+    assert not discriminator_gradients.agrees_with_autograd(nets.discriminator, shapes)
+    checked = check_d_gradients(nets, hp, say=lambda *a, **k: said.append(a))
+    assert checked.d_gradients == "autograd" and checked.gamma == hp.gamma
+    assert len(said) == 1 and "--d-gradients autograd" in said[0][0]
+    # --d-gradients autograd, given, is left alone; gamma 0 never scores a state.
+    for given in (dataclasses.replace(hp, d_gradients="autograd"), StepConfig(gamma=0.0)):
+        assert check_d_gradients(nets, given, say=lambda *a, **k: said.append(a)) is given
+    assert len(said) == 1
+
+
+def test_the_check_leaves_the_random_stream_alone():
+    """It draws its own numbers: a run's noise, and so exact resume, are as without it."""
+    nets = Networks(ModelConfig(n_filters=4, noise_dim=6))
+    torch.manual_seed(7)
+    discriminator_gradients.agrees_with_autograd(nets.discriminator, nets.cfg.state_shapes())
+    after_check = torch.rand(3)
+    torch.manual_seed(7)
+    assert torch.equal(after_check, torch.rand(3))
+
+
+def test_a_run_with_an_edited_discriminator_trains_with_autograd(monkeypatch, capsys, tmp_path):
+    """End to end: train.py says in one line that D was edited and trains it with the plain path."""
+    monkeypatch.setattr(models.Discriminator, "_head", _head_with_slope(0.2))
+    used = []
+    real = losses.score_and_state_gradients
+
+    def recording(*args, **kwargs):
+        used.append(True)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(losses, "score_and_state_gradients", recording)
+    _run(TINY + ["--epochs", "1", "-b", "300", "--probe-folds", "0", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert err.count("Discriminator.forward") == 1 and "training with --d-gradients autograd" in err
+    assert used  # the autograd path scored the states
