@@ -71,7 +71,7 @@ def _update(nets, optimizers, names, out, hp, check_finite, average, stepped=())
 
 
 @contextlib.contextmanager
-def _statistics_kept(module):
+def statistics_kept(module):
     """Passes that only re-evaluate a gradient leave BatchNorm statistics and spectral-norm
     estimates where the step's own passes left them."""
     kept = [b.clone() for b in module.buffers()]
@@ -120,7 +120,7 @@ def training_step(nets, optimizers, x, hp: StepConfig, check_finite=True, averag
     _update(nets, optimizers, ["readout", "inference"], {}, hp, check_finite, average, stepped=["discriminator"])
     # (3) G follows the stepped F and R, and steps.
     if R is not None:
-        with autocast, _statistics_kept(F):
+        with autocast, statistics_kept(F):
             readout = losses.generator_readout_loss(R(F(t.image.to(x.dtype), to_layer=4)[4]).to(x.dtype), hp.gamma)
             _backward(readout, nets, ["generator"])
     _update(nets, optimizers, ["generator"], {}, hp, check_finite, average,

@@ -17,7 +17,7 @@ import train
 from conftest import DEVICES, TINY, write_cifar10, write_mnist
 from losses import StepConfig
 from models import ModelConfig, Networks
-from step import NonFiniteError, _statistics_kept, check_d_gradients, make_optimizers, training_step
+from step import NonFiniteError, check_d_gradients, make_optimizers, statistics_kept, training_step
 
 
 def _quiet_nets(readout, seed=0, dtype=torch.float32):
@@ -421,7 +421,7 @@ def test_a_non_finite_generator_phase_names_the_critics_that_stepped(monkeypatch
     nets = _quiet_nets(readout=True)
     optimizers = {n: torch.optim.SGD(net.parameters(), lr=0.1) for n, net in nets.parts().items()}
     in_generator_phase = []
-    real = _statistics_kept
+    real = statistics_kept
 
     @contextlib.contextmanager
     def flagged(module):
@@ -429,7 +429,7 @@ def test_a_non_finite_generator_phase_names_the_critics_that_stepped(monkeypatch
         with real(module):
             yield
 
-    monkeypatch.setattr(step, "_statistics_kept", flagged)
+    monkeypatch.setattr(step, "statistics_kept", flagged)
     nets.readout.register_forward_hook(lambda m, i, out: out * float("nan") if in_generator_phase else out)
     before = copy.deepcopy(nets)
     hp = dataclasses.replace(SETTINGS["doubly-adversarial"], update_order="alternating")
