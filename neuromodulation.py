@@ -1,0 +1,565 @@
+#!/usr/bin/env python
+"""The wake/sleep discriminator as a neuromodulator: record it, and put a trained model through
+the protocols by which cholinergic and novelty responses are studied (docs/neuromodulation.md).
+
+    python neuromodulation.py --path RUN                       # the three experiments, on the run's data
+    python neuromodulation.py --path RUN --experiments novelty --ood-dataset cifar10 --ood-data CIFAR
+
+The paper maps D's score of the network's state onto a neuromodulator (#1, putatively
+acetylcholine): high in wake, pushed down in sleep, and projected back to gate the plasticity of
+the feedforward (inference) connections. For each input this records
+  signal  D's score of the wake state F infers from it;
+  gate    the L1 size, per sample, of the gradient D sends back to each of F's layers h1..h5 (what
+          F's weights learn from; F's loss scales it by gamma / batch), and
+  weight  the generator's per-sample weight 2 sigmoid(-signal) (--scale-gen-surprisal-by-D),
+by the training step's own code (losses.d_terms, either --d-gradients path) with the networks in
+training mode, as the step runs them. D's minibatch-std feature couples the samples of a batch, so
+every condition is scored in batches of its own, all of one size (-b), and with its own seed.
+
+Experiments: wake-sleep (wake states of training images against sleep states dreamed by G);
+novelty (familiar training images, novel test images, and out-of-distribution inputs); and
+familiarization (training goes on, with the run's own step and flags, on a stream where K images
+repeat and novel images replace one of them now and then; the checkpoint on disk is never written).
+Each prints a table of means, spreads and effect sizes (AUROC with a bootstrap interval), appends
+one JSON line per condition to --json, and with matplotlib draws a figure into --out.
+"""
+import argparse
+import contextlib
+import datetime
+import os
+import sys
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import losses
+from checkpoint import load_networks, resolve_checkpoint_path
+from data import DATASETS, IN_MEMORY, DataError, channels_of, load_in_memory, make_batches, to_unit_range
+from losses import StepConfig
+from step import NonFiniteError, check_d_gradients, make_optimizers, statistics_kept, training_step
+from utils import UserError, append_jsonl, pick_device, run_main, write_atomically, write_json
+
+EXPERIMENTS = ("wake-sleep", "novelty", "familiarization")
+N_LAYERS = 5  # F's layers h1..h5, the ones D's gradient teaches
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Record the wake/sleep discriminator as a neuromodulator",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--path", required=True, help="checkpoint file, or the run folder holding checkpoint.pth.tar")
+    p.add_argument("--dataset", default=None, choices=DATASETS, help="default: the one the model was trained on")
+    p.add_argument("-d", "--data", default=None, metavar="DIR", help="dataset root (default: the run's)")
+    p.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS), choices=EXPERIMENTS)
+    p.add_argument("-b", "--batch-size", type=int, default=100,
+                   help="the one size of every scored batch (D's minibatch std couples a batch's samples)")
+    p.add_argument("--n-images", type=int, default=1000, help="inputs per condition (a multiple of -b is used)")
+    p.add_argument("--ood-dataset", default=None, choices=DATASETS,
+                   help="an out-of-distribution dataset (its test split), e.g. cifar10 for an MNIST model; "
+                        "converted to the model's channels and resized to its image size")
+    p.add_argument("--ood-data", default=None, metavar="DIR", help="the root of --ood-dataset")
+    p.add_argument("--repeats", type=int, default=32, metavar="K",
+                   help="familiarization: the repeated set, K test images (also the batch of every step)")
+    p.add_argument("--presentations", type=int, default=200, help="familiarization: training steps on the stream")
+    p.add_argument("--novel-rate", type=float, default=0.25,
+                   help="familiarization: chance that a step's batch has one repeated image replaced by a novel one")
+    p.add_argument("--bootstrap", type=int, default=2000, help="resamples of each bootstrap interval")
+    p.add_argument("--seed", type=int, default=0, help="seed of the inputs drawn, the networks' noise and the stream")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--gpu", type=int, default=None, help="CUDA device index (implies --device cuda)")
+    p.add_argument("--json", default=None, metavar="FILE.jsonl", help="append one record per condition here")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="folder for the figures and records.json (default: neuromodulation/ beside the checkpoint)")
+    return p
+
+
+def check_args(args, parser):
+    problems = [f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}"
+                for k in ("n_images", "repeats", "presentations", "bootstrap") if getattr(args, k) < 1]
+    if args.batch_size < 2:
+        problems.append(f"-b must be at least 2 (BatchNorm and the minibatch std need two samples), got "
+                        f"{args.batch_size}")
+    elif args.n_images < args.batch_size:
+        problems.append(f"--n-images {args.n_images} is less than one batch (-b {args.batch_size})")
+    if args.repeats < 2:
+        problems.append("--repeats must be at least 2 (the stream's batch)")
+    if not 0 <= args.novel_rate <= 1:
+        problems.append(f"--novel-rate must lie in [0, 1], got {args.novel_rate}")
+    if (args.ood_dataset is None) != (args.ood_data is None) and args.ood_dataset != "digits":
+        problems.append("--ood-dataset and --ood-data go together (digits needs no --ood-data)")
+    for flag in ("json", "out"):
+        path = getattr(args, flag)
+        if path and flag == "json" and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            problems.append(f"--json {path}: its folder does not exist")
+    if problems:
+        parser.error("; ".join(problems))
+
+
+# --- Recording: one batch of states -> signal, gate, weight ---------------------------------------
+
+@dataclass
+class Recording:
+    signal: torch.Tensor  # (N,) D's score of the state
+    gate: torch.Tensor  # (N, 5) L1 size of d sum_b D / d h_l for l = 1..5, per sample
+    weight: torch.Tensor  # (N,) 2 sigmoid(-signal)
+
+    @staticmethod
+    def cat(recordings):
+        return Recording(*(torch.cat([getattr(r, k) for r in recordings]) for k in ("signal", "gate", "weight")))
+
+    def numpy(self):
+        return {"signal": self.signal.numpy(), "gate": self.gate.sum(dim=1).numpy(), "weight": self.weight.numpy()}
+
+
+@contextlib.contextmanager
+def training_mode(nets):
+    """The networks as the training step runs them (BatchNorm on batch statistics, G's noise on),
+    with every buffer (BatchNorm's running statistics, spectral-norm estimates) left as it was."""
+    was = nets.training
+    nets.train()
+    with statistics_kept(nets):
+        yield
+    nets.train(was)
+
+
+def score_states(D, states, hp: StepConfig):
+    """Record one batch of states (h0..h5) by the step's D path (losses.d_terms, hp.d_gradients)."""
+    autocast = torch.autocast(states[0].device.type, dtype=torch.bfloat16, enabled=hp.amp)
+    with autocast:
+        score, grads, _ = losses.d_terms(D, losses.as_data(states, torch.float32), hp, graph=False)
+    score = score.detach().float()
+    gate = torch.stack([g.detach().float().flatten(1).abs().sum(dim=1) for g in grads[1:]], dim=1)
+    return Recording(score.cpu(), gate.cpu(), losses.surprisal_weights(score).cpu())
+
+
+def record_images(nets, hp, images, batch_size):
+    """Wake states of images in [-1, 1], scored batch by batch (one size; a remainder is dropped)."""
+    out = []
+    with training_mode(nets):
+        for i in range(len(images) // batch_size):
+            x = images[i * batch_size:(i + 1) * batch_size]
+            with torch.no_grad():
+                wake = nets.inference(x)
+            out.append(score_states(nets.discriminator, wake, hp))
+    return Recording.cat(out)
+
+
+def record_dreams(nets, hp, n, batch_size, device):
+    """Sleep states G dreams from z ~ N(0, 1), scored as record_images scores wake states."""
+    out = []
+    with training_mode(nets):
+        for _ in range(n // batch_size):
+            z = torch.randn(batch_size, nets.cfg.noise_dim, 1, 1, device=device)
+            with torch.no_grad():
+                sleep = nets.generator(z)
+            out.append(score_states(nets.discriminator, sleep, hp))
+    return Recording.cat(out)
+
+
+def condition_seed(seed, name):
+    """Each condition's own seed: its records do not depend on which other conditions ran."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2 ** 63
+
+
+# --- Effect sizes -----------------------------------------------------------------------------------
+
+def _average_ranks(x):
+    """1-based ranks of x, tied values sharing the mean of their ranks."""
+    order = x.argsort(kind="stable")
+    ordered = x[order]
+    starts = np.r_[True, ordered[1:] != ordered[:-1]]  # where a run of equal values begins
+    first = np.flatnonzero(starts)
+    counts = np.diff(np.r_[first, len(x)])
+    ranks = np.empty(len(x))
+    ranks[order] = (first + (counts + 1) / 2)[np.cumsum(starts) - 1]
+    return ranks
+
+
+def auroc(a, b):
+    """P(a > b) for one value drawn from a and one from b, ties counting half: Mann-Whitney's U / (n_a n_b)."""
+    ranks = _average_ranks(np.concatenate([a, b]))
+    return float((ranks[:len(a)].sum() - len(a) * (len(a) + 1) / 2) / (len(a) * len(b)))
+
+
+def bootstrap_interval(statistic, samples, reps, seed, level=0.95):
+    """Percentile interval of statistic(*resampled) over reps resamples of each sample."""
+    rng = np.random.default_rng(seed)
+    values = [statistic(*(s[rng.integers(0, len(s), len(s))] for s in samples)) for _ in range(reps)]
+    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return [float(lo), float(hi)]
+
+
+def compare(a, b, reps, seed):
+    """a against b: AUROC P(a > b) and the difference of means, each with a 95 % bootstrap interval."""
+    diff = lambda x, y: float(x.mean() - y.mean())  # noqa: E731
+    return {"auroc": auroc(a, b), "auroc_ci": bootstrap_interval(auroc, (a, b), reps, seed),
+            "mean_difference": diff(a, b), "mean_difference_ci": bootstrap_interval(diff, (a, b), reps, seed)}
+
+
+def summary(values):
+    return {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+            "n": int(len(values))}
+
+
+# --- Inputs -----------------------------------------------------------------------------------------
+
+def split_images(dataset, root, image_size, train, n, seed):
+    """Up to n images of a split in [-1, 1] on the CPU: a seeded draw (image folders: the first n)."""
+    if dataset in IN_MEMORY:
+        images, _ = load_in_memory(dataset, root, image_size, train)
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+        return to_unit_range(images[order])
+    batches = make_batches(dataset, root, image_size, 256, "cpu", train=train, workers=0, shuffle=False, min_batch=1)
+    taken, count = [], 0
+    for x, _ in batches:
+        if x is not None:
+            taken.append(x)
+            count += len(x)
+        if count >= n:
+            break
+    if not taken:
+        raise DataError(f"{root}: no readable images in the {'train' if train else 'test'} split")
+    return torch.cat(taken)[:n]
+
+
+def with_channels(images, channels):
+    """images with the model's channels: (images, None), or converted and a phrase saying how."""
+    if images.size(1) == channels:
+        return images, None
+    if channels == 1:
+        return images.mean(dim=1, keepdim=True), f"averaged from {images.size(1)} channels to 1"
+    if images.size(1) == 1:
+        return images.expand(-1, channels, -1, -1).contiguous(), f"1 channel repeated to {channels}"
+    raise UserError(f"cannot turn {images.size(1)}-channel images into the model's {channels} channels")
+
+
+def pixel_shuffled(images, seed):
+    """Each image's pixels in a random order of its own: the digit's pixel statistics without its shape."""
+    gen = torch.Generator().manual_seed(seed)
+    flat = images.flatten(2)
+    order = torch.stack([torch.randperm(flat.size(2), generator=gen) for _ in range(len(images))])
+    return flat.gather(2, order.unsqueeze(1).expand_as(flat)).view_as(images)
+
+
+# --- The three experiments --------------------------------------------------------------------------
+
+@dataclass
+class Setup:
+    args: argparse.Namespace
+    nets: object
+    hp: StepConfig
+    run_flags: argparse.Namespace
+    state: dict
+    checkpoint: str
+    dataset: str
+    data: str
+    device: torch.device
+
+    def images(self, train, n, name):
+        x = split_images(self.dataset, self.data, self.nets.cfg.image_size, train, n, condition_seed(self.args.seed,
+                                                                                                     name))
+        return x.to(self.device)
+
+    def record(self, name, images):
+        torch.manual_seed(condition_seed(self.args.seed, name))
+        return record_images(self.nets, self.hp, images, self.args.batch_size)
+
+
+def wake_sleep(s: Setup):
+    """Wake states of training images against sleep states G dreams: [(condition, Recording)], the reference."""
+    n = s.args.n_images
+    wake = s.record("wake", s.images(True, n, "familiar"))
+    torch.manual_seed(condition_seed(s.args.seed, "sleep"))
+    sleep = record_dreams(s.nets, s.hp, n, s.args.batch_size, s.device)
+    return [("wake: training images", wake), ("sleep: dreams of G", sleep)], "sleep: dreams of G"
+
+
+def novelty(s: Setup):
+    """Familiar (training split), novel (test split) and out-of-distribution inputs."""
+    n = s.args.n_images
+    familiar = s.images(True, n, "familiar")
+    novel = s.images(False, n, "novel")
+    conditions = [("familiar: training split", familiar), ("novel: test split", novel),
+                  ("OOD: test split, pixels shuffled", pixel_shuffled(novel.cpu(), s.args.seed).to(s.device)),
+                  ("OOD: test split, contrast inverted", -novel)]
+    if s.args.ood_dataset:
+        ood = split_images(s.args.ood_dataset, s.args.ood_data, s.nets.cfg.image_size, False, n,
+                           condition_seed(s.args.seed, "ood"))
+        ood, how = with_channels(ood, s.nets.cfg.channels)
+        print(f"--ood-dataset {s.args.ood_dataset}: {len(ood)} test images, resized to "
+              f"{s.nets.cfg.image_size}x{s.nets.cfg.image_size}" + (f", {how}" if how else ""))
+        if len(ood) < s.args.batch_size:
+            raise UserError(f"--ood-data {s.args.ood_data} holds {len(ood)} images, fewer than one batch "
+                            f"(-b {s.args.batch_size})")
+        conditions.append((f"OOD: {s.args.ood_dataset}", ood.to(s.device)))
+    return [(name, s.record(name, x)) for name, x in conditions], "familiar: training split"
+
+
+@dataclass
+class Stream:
+    """What familiarization recorded: per step t and batch position, the Recording's values and who
+    was shown (index into the repeated set, or -1 for a novel image)."""
+    signal: np.ndarray  # (T, K)
+    gate: np.ndarray  # (T, K), summed over h1..h5
+    gate_by_layer: np.ndarray  # (T, K, 5)
+    weight: np.ndarray  # (T, K)
+    shown: np.ndarray  # (T, K) int
+
+
+def familiarization(s: Setup):
+    """Training goes on from the checkpoint (its optimizers too), with the run's step and flags, on a
+    stream of batches of K repeated test images, in which a novel test image replaces one of them at
+    random steps. Each batch is recorded before the step it trains. The networks are a copy: the
+    loaded model and the file on disk stay as they were."""
+    import copy
+    args = s.args
+    K, T = args.repeats, args.presentations
+    pool = s.images(False, 10 ** 9, "familiarization")
+    if len(pool) <= K:
+        raise UserError(f"--repeats {K} needs more than {K} test images (a repeated set and novel ones); the "
+                        f"test split has {len(pool)}")
+    nets = copy.deepcopy(s.nets)
+    optimizers = make_optimizers(nets, s.run_flags)
+    try:
+        for name, opt in optimizers.items():
+            opt.load_state_dict(s.state["optimizers"][name])
+    except (KeyError, ValueError) as e:
+        raise UserError(f"{s.checkpoint} has no usable optimizer state to continue training from ({e})") from None
+    gen = torch.Generator().manual_seed(condition_seed(args.seed, "stream"))
+    repeated, novel = pool[:K], pool[K:]
+    torch.manual_seed(condition_seed(args.seed, "familiarization noise"))
+    rows, used = [], 0
+    for t in tqdm(range(T), desc="familiarization", unit="step", leave=False):
+        batch, shown = repeated.clone(), torch.arange(K)
+        insert = torch.rand((), generator=gen).item() < args.novel_rate
+        if insert and used < len(novel):
+            position = int(torch.randint(K, (), generator=gen))
+            batch[position], shown[position] = novel[used], -1
+            used += 1
+        rows.append((record_images(nets, s.hp, batch, K), shown))
+        try:
+            training_step(nets, optimizers, batch, s.hp)
+        except NonFiniteError as e:
+            raise UserError(f"familiarization step {t + 1}: non-finite {e}; nothing was written") from None
+    if insert and used == len(novel):
+        print(f"note: the {len(novel)} novel test images ran out; later steps insert none", file=sys.stderr)
+    rec = [r for r, _ in rows]
+    return Stream(np.stack([r.signal.numpy() for r in rec]), np.stack([r.gate.sum(dim=1).numpy() for r in rec]),
+                  np.stack([r.gate.numpy() for r in rec]), np.stack([r.weight.numpy() for r in rec]),
+                  np.stack([w.numpy() for _, w in rows]))
+
+
+def familiarization_effects(stream: Stream, reps, seed):
+    """Habituation of the repeated set (each image's first presentation against its last tenth) and
+    the novelty response (a novel image against the repeated images of its own batch), for the
+    signal and the gate, each with a 95 % bootstrap interval. Repeated image i sits at position i."""
+    T, K = stream.shown.shape
+    novel_t, novel_k = np.nonzero(stream.shown < 0)
+    late = slice(T - max(1, T // 10), T)
+    effects = {"steps": T, "repeated": K, "novel_insertions": len(novel_t)}
+    mean = lambda x: float(x.mean())  # noqa: E731
+    for key in ("signal", "gate"):
+        repeated = np.where(stream.shown >= 0, getattr(stream, key), np.nan)  # (T, K)
+        first = repeated[np.argmax(~np.isnan(repeated), axis=0), np.arange(K)]
+        change = np.nanmean(repeated[late], axis=0) - first
+        effect = {"repeated_by_step": np.nanmean(repeated, axis=1).tolist(), "repeated_first": mean(first),
+                  "repeated_last_tenth": float(np.nanmean(repeated[late])), "habituation": mean(change),
+                  "habituation_ci": bootstrap_interval(mean, (change,), reps, seed)}
+        if len(novel_t):
+            novel = getattr(stream, key)[novel_t, novel_k]
+            response = novel - np.nanmean(repeated[novel_t], axis=1)
+            halves = np.array_split(response, 2)
+            effect.update({
+                "novel": novel.tolist(), "novel_steps": novel_t.tolist(),
+                "novelty_response": mean(response),
+                "novelty_response_ci": bootstrap_interval(mean, (response,), reps, seed),
+                "novel_vs_repeated_auroc": auroc(novel, repeated[novel_t][~np.isnan(repeated[novel_t])]),
+                "novelty_response_halves": [mean(h) if len(h) else None for h in halves],
+                "novelty_response_halves_ci": [bootstrap_interval(mean, (h,), reps, seed) if len(h) > 1 else None
+                                               for h in halves]})
+        effects[key] = effect
+    return effects
+
+
+# --- Reporting: tables, JSON lines, figures ---------------------------------------------------------
+
+def condition_records(s: Setup, experiment, conditions, reference):
+    """One record per condition; every condition but the reference compared with it."""
+    ref = dict(conditions)[reference].numpy()
+    records = []
+    for name, rec in conditions:
+        values = rec.numpy()
+        record = {"experiment": experiment, "condition": name, "n": len(rec.signal),
+                  **{k: summary(values[k]) for k in ("signal", "gate", "weight")},
+                  "gate_by_layer": rec.gate.mean(dim=0).tolist()}
+        if name != reference:
+            record["against"] = reference
+            record["comparison"] = {k: compare(values[k], ref[k], s.args.bootstrap, s.args.seed)
+                                    for k in ("signal", "gate")}
+        records.append(record)
+    return records
+
+
+def _interval(ci):
+    return f"[{ci[0]:.3g}, {ci[1]:.3g}]"
+
+
+def print_conditions(title, records):
+    print(f"\n{title} (mean (sd) per input; AUROC = P(condition > {records[0].get('against') or records[1]['against']})"
+          f", 95 % bootstrap interval)")
+    print(f"{'condition':<36} {'n':>5}  {'signal':>16}  {'gate (L1, h1..h5)':>18}  {'weight':>13}  "
+          f"{'AUROC signal':>22}  {'AUROC gate':>22}")
+    for r in records:
+        cells = [f"{r[k]['mean']:.4g} ({r[k]['sd']:.2g})" for k in ("signal", "gate", "weight")]
+        comparison = r.get("comparison")
+        aurocs = [f"{comparison[k]['auroc']:.3f} {_interval(comparison[k]['auroc_ci'])}" if comparison else "reference"
+                  for k in ("signal", "gate")]
+        print(f"{r['condition']:<36} {r['n']:>5}  {cells[0]:>16}  {cells[1]:>18}  {cells[2]:>13}  "
+              f"{aurocs[0]:>22}  {aurocs[1]:>22}")
+
+
+def print_familiarization(effects):
+    print(f"\nfamiliarization: {effects['steps']} training steps on {effects['repeated']} repeated test images, "
+          f"{effects['novel_insertions']} novel insertions (95 % bootstrap intervals)")
+    for key in ("signal", "gate"):
+        e = effects[key]
+        line = (f"  {key:<6} repeated: first presentation {e['repeated_first']:.4g}, last tenth "
+                f"{e['repeated_last_tenth']:.4g}, change {e['habituation']:.3g} {_interval(e['habituation_ci'])}")
+        if "novelty_response" in e:
+            halves = ", ".join("-" if h is None else f"{h:.3g}" for h in e["novelty_response_halves"])
+            line += (f"\n         novel - repeated of the same batch: {e['novelty_response']:.3g} "
+                     f"{_interval(e['novelty_response_ci'])} (first and second half of the stream: {halves}); "
+                     f"AUROC novel vs repeated {e['novel_vs_repeated_auroc']:.3f}")
+        print(line)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        print("note: pip install matplotlib for the figures", file=sys.stderr)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, plt, path):
+    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+    print(f"figure: {path}")
+
+
+def plot_conditions(title, conditions, path):
+    """Histograms of the signal and the gate, one outline per condition."""
+    plt = _pyplot()
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    for ax, key, label in ((axes[0], "signal", "signal: D's score of the state"),
+                           (axes[1], "gate", "plasticity gate: L1 of D's gradient to h1..h5")):
+        values = [rec.numpy()[key] for _, rec in conditions]
+        bins = np.linspace(min(v.min() for v in values), max(v.max() for v in values), 50)
+        for (name, _), v in zip(conditions, values):
+            ax.hist(v, bins=bins, histtype="step", density=True, label=name)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("density")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, plt, path)
+
+
+def plot_familiarization(stream: Stream, path):
+    """The signal and the gate of every presentation: the repeated set's mean and spread per step,
+    and each novel insertion."""
+    plt = _pyplot()
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    steps = np.arange(1, len(stream.shown) + 1)
+    novel_t, novel_k = np.nonzero(stream.shown < 0)
+    for ax, key, label in ((axes[0], "signal", "signal"), (axes[1], "gate", "plasticity gate (L1, h1..h5)")):
+        v = getattr(stream, key)
+        repeated = np.where(stream.shown >= 0, v, np.nan)
+        m, sd = np.nanmean(repeated, axis=1), np.nanstd(repeated, axis=1)
+        ax.plot(steps, m, color="C0", label="repeated set: mean")
+        ax.fill_between(steps, m - sd, m + sd, color="C0", alpha=0.25, label="repeated set: sd")
+        ax.plot(novel_t + 1, v[novel_t, novel_k], "o", color="C3", ms=3, label="novel insertion")
+        ax.set_xlabel("presentation (training step)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("familiarization: training on a repeated set")
+    fig.tight_layout()
+    _save(fig, plt, path)
+
+
+# --- The script -------------------------------------------------------------------------------------
+
+def setup(args):
+    """Checkpoint, networks, the run's flags and the step's D path; the dataset the model trained on."""
+    device = pick_device(args.device, args.gpu)
+    path = resolve_checkpoint_path(args.path)
+    state, nets = load_networks(path, device)
+    config = state.get("config") or {}
+    dataset, data = args.dataset or config.get("dataset"), args.data or config.get("data")
+    if dataset not in DATASETS:
+        raise UserError(f"{path} does not say which dataset it was trained on; pass --dataset")
+    if channels_of(dataset) != nets.cfg.channels:
+        raise UserError(f"{path} holds a model of {nets.cfg.channels}-channel images; --dataset {dataset} has "
+                        f"{channels_of(dataset)}")
+    if dataset != "digits" and not (data and os.path.isdir(data)):
+        raise DataError(f"--data {data} is not a folder (pass the root that holds the {dataset} dataset)")
+    import train  # the run's flags: the checkpoint's, over train.py's defaults for any it predates
+    run_flags = train.get_parser().parse_args([])
+    vars(run_flags).update({k: v for k, v in config.items() if k in vars(run_flags)})
+    nets.train()
+    hp = check_d_gradients(nets, StepConfig.from_args(run_flags))
+    return Setup(args, nets, hp, run_flags, state, path, dataset, data, device)
+
+
+def neuromodulation(args):
+    s = setup(args)
+    out = args.out or os.path.join(os.path.dirname(s.checkpoint), "neuromodulation")
+    os.makedirs(out, exist_ok=True)
+    common = {"checkpoint": os.path.abspath(s.checkpoint), "epoch": s.state.get("epoch"), "model": s.state["model"],
+              "dataset": s.dataset, "data": os.path.abspath(s.data) if s.data else None,
+              "d_gradients": s.hp.d_gradients, "batch_size": args.batch_size, "flags": vars(args),
+              "time": datetime.datetime.now().isoformat(timespec="seconds")}
+    print(f"{s.checkpoint}: epoch {s.state.get('epoch')}, gamma {s.hp.gamma}, {s.dataset}; every condition "
+          f"scored in batches of {args.batch_size} of its own, networks in training mode")
+    records = []
+    for name, (run, title) in {"wake-sleep": (wake_sleep, "wake and sleep"),
+                               "novelty": (novelty, "familiar, novel and out-of-distribution inputs")}.items():
+        if name in args.experiments:
+            conditions, reference = run(s)
+            found = condition_records(s, name, conditions, reference)
+            print_conditions(title, found)
+            plot_conditions(title, conditions, os.path.join(out, f"{name}.png"))
+            records += found
+    if "familiarization" in args.experiments:
+        stream = familiarization(s)
+        effects = familiarization_effects(stream, args.bootstrap, args.seed)
+        print_familiarization(effects)
+        plot_familiarization(stream, os.path.join(out, "familiarization.png"))
+        records.append({"experiment": "familiarization", "condition": "stream", "novel_rate": args.novel_rate,
+                        **effects})
+    records = [{**common, **r} for r in records]
+    write_json(os.path.join(out, "records.json"), records)
+    if args.json:
+        for r in records:
+            append_jsonl(args.json, r)
+    print(f"records: {os.path.join(out, 'records.json')}" + (f" (and appended to {args.json})" if args.json else ""))
+    return 0
+
+
+def main(argv=None):
+    return run_main(get_parser(), check_args, neuromodulation, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
