@@ -1,0 +1,180 @@
+"""neuromodulation.py: its recordings against the training step's own code and autograd, its
+effect sizes against hand-computed values, and its promises (own batches, seeds, the file untouched)."""
+import dataclasses
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import neuromodulation as nm
+import train
+from conftest import TINY, write_cifar10
+from losses import StepConfig, step_losses
+from models import ModelConfig, Networks
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, mnist_root):
+    """A checkpoint of a tiny doubly adversarial run on the tiny MNIST folder (64 train, 40 test images)."""
+    out = tmp_path_factory.mktemp("run")
+    assert train.main(TINY + ["--dataset", "mnist", "--data", mnist_root, "-b", "16", "--epochs", "1", "--gamma",
+                              "0.9", "--seed", "3", "--probe-folds", "0", "--device", "cpu", "--out", str(out)]) == 0
+    return out / "checkpoint.pth.tar"
+
+
+SMALL = ["-b", "8", "--n-images", "32", "--repeats", "4", "--presentations", "6", "--bootstrap", "50",
+         "--device", "cpu"]
+
+
+def _records(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def _noiseless(nets):
+    """No sampling noise anywhere: two computations of a score then agree without sharing random numbers."""
+    nets.decay_noise(float("inf"))
+    return nets
+
+
+@pytest.mark.parametrize("path", ["written-out", "autograd"])
+def test_the_signal_is_the_training_steps_score_of_the_wake_state(path):
+    torch.manual_seed(0)
+    nets = _noiseless(Networks(ModelConfig(n_filters=4, noise_dim=6, divisive_normalization=True)))
+    hp = StepConfig(gamma=1.0, d_gradients=path)
+    x = torch.rand(8, 1, 32, 32) * 2 - 1
+    recorded = nm.record_images(nets, hp, x, batch_size=8)
+    assert torch.allclose(recorded.signal.mean(), step_losses(nets, x, hp).out["d_wake"], atol=1e-6)
+    nets.train()
+    with torch.no_grad():
+        assert torch.allclose(recorded.signal, nets.discriminator(nets.inference(x)), atol=1e-6)
+    assert torch.allclose(recorded.weight, 2 * torch.sigmoid(-recorded.signal))
+
+
+@pytest.mark.parametrize("path", ["written-out", "autograd"])
+def test_the_gate_is_autograds_gradient_of_the_score_wrt_each_of_Fs_layers(path):
+    torch.manual_seed(0)
+    nets = Networks(ModelConfig(n_filters=4, noise_dim=6))
+    nets.discriminator.sigma.fill_(0.3)  # D's noise on and large: both runs must draw the same
+    states = [h.detach() for h in nets.inference(torch.rand(6, 1, 32, 32) * 2 - 1)]
+    torch.manual_seed(1)
+    recorded = nm.score_states(nets.discriminator, states, StepConfig(d_gradients=path))
+    torch.manual_seed(1)
+    leaves = [h.clone().requires_grad_(True) for h in states]
+    grads = torch.autograd.grad(nets.discriminator(leaves).sum(), leaves)
+    want = torch.stack([g.flatten(1).abs().sum(dim=1) for g in grads[1:]], dim=1)
+    assert recorded.gate.shape == (6, 5)
+    assert torch.allclose(recorded.gate, want, rtol=1e-4)
+
+
+def test_auroc_and_ranks_by_hand():
+    # a > b in 4 of 9 pairs, and one tie (2 = 2) counts half: 4.5 / 9.
+    assert nm.auroc(np.array([3.0, 1.0, 2.0]), np.array([0.0, 2.0, 5.0])) == pytest.approx(0.5)
+    assert nm.auroc(np.array([5.0, 6.0]), np.array([1.0, 2.0, 3.0])) == 1.0
+    assert nm.auroc(np.array([1.0]), np.array([1.0])) == 0.5
+    assert nm._average_ranks(np.array([10.0, 20.0, 10.0, 5.0])).tolist() == [2.5, 4.0, 2.5, 1.0]
+
+
+def test_bootstrap_interval_holds_the_statistic_and_narrows_with_data():
+    rng = np.random.default_rng(0)
+    small, large = rng.normal(1.0, 1.0, 20), rng.normal(1.0, 1.0, 2000)
+    mean = lambda x: float(x.mean())  # noqa: E731
+    lo_s, hi_s = nm.bootstrap_interval(mean, (small,), 500, seed=0)
+    lo_l, hi_l = nm.bootstrap_interval(mean, (large,), 500, seed=0)
+    assert lo_s < small.mean() < hi_s and lo_l < large.mean() < hi_l
+    assert hi_l - lo_l < (hi_s - lo_s) / 4
+
+
+def test_familiarization_effects_by_hand():
+    """Three steps, K = 2: image 0 goes 1 -> 0 and image 1 2 -> 0 (habituation -1.5 on average); the one
+    novel image (step 2, position 1) scores 5 against the repeated image 0's 0.5 beside it."""
+    signal = np.array([[1.0, 2.0], [0.5, 5.0], [0.0, 0.0]])
+    shown = np.array([[0, 1], [0, -1], [0, 1]])
+    stream = nm.Stream(signal, signal * 10, np.repeat(signal[..., None], 5, axis=2), signal, shown)
+    effects = nm.familiarization_effects(stream, reps=20, seed=0)
+    e = effects["signal"]
+    assert effects["novel_insertions"] == 1
+    assert e["repeated_first"] == pytest.approx(1.5) and e["repeated_last_tenth"] == pytest.approx(0.0)
+    assert e["habituation"] == pytest.approx(-1.5)
+    assert e["novelty_response"] == pytest.approx(4.5)
+    assert e["repeated_by_step"] == pytest.approx([1.5, 0.5, 0.0])
+    assert effects["gate"]["novelty_response"] == pytest.approx(45.0)
+
+
+def test_each_condition_is_scored_in_batches_of_its_own(trained, mnist_root, tmp_path, monkeypatch):
+    """Every scored batch has -b inputs, and a condition's records do not depend on what else is scored."""
+    sizes = []
+    real = nm.score_states
+    monkeypatch.setattr(nm, "score_states", lambda D, states, hp: sizes.append(len(states[0])) or real(D, states, hp))
+    alone, beside = tmp_path / "alone.jsonl", tmp_path / "beside.jsonl"
+    assert nm.main(["--path", str(trained), "--experiments", "novelty", "--json", str(alone), *SMALL]) == 0
+    assert set(sizes) == {8}
+    assert nm.main(["--path", str(trained), "--experiments", "novelty", "--ood-dataset", "cifar10", "--ood-data",
+                    write_cifar10(tmp_path / "cifar"), "--json", str(beside), *SMALL]) == 0
+    a, b = _records(alone), _records(beside)
+    assert [r["condition"] for r in b][-1] == "OOD: cifar10"
+    for ra, rb in zip(a, b):  # the four built-in conditions, equal to the last digit
+        assert ra["condition"] == rb["condition"] and ra["signal"] == rb["signal"] and ra["gate"] == rb["gate"]
+
+
+def test_the_same_seed_gives_the_same_records_and_the_checkpoint_stays_byte_identical(trained, tmp_path, capsys):
+    before = hashlib.sha256(trained.read_bytes()).hexdigest()
+    runs = []
+    for i in range(2):
+        path = tmp_path / f"{i}.jsonl"
+        assert nm.main(["--path", str(trained), "--json", str(path), "--out", str(tmp_path / f"out{i}"), *SMALL]) == 0
+        runs.append([{k: v for k, v in r.items() if k not in ("time", "flags")} for r in _records(path)])
+    assert runs[0] == runs[1]
+    assert {r["experiment"] for r in runs[0]} == set(nm.EXPERIMENTS)
+    stream = next(r for r in runs[0] if r["experiment"] == "familiarization")
+    assert stream["steps"] == 6 and len(stream["signal"]["repeated_by_step"]) == 6
+    assert hashlib.sha256(trained.read_bytes()).hexdigest() == before  # familiarization trained a copy
+    other = tmp_path / "seed1.jsonl"
+    assert nm.main(["--path", str(trained), "--experiments", "wake-sleep", "--seed", "1", "--json", str(other),
+                    *SMALL]) == 0
+    assert _records(other)[0]["signal"] != runs[0][0]["signal"]
+
+
+def _one_line_error(capsys, argv, code=1):
+    assert nm.main(argv) == code
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_bad_inputs_end_in_one_line(trained, tmp_path, capsys):
+    assert "1-channel" in _one_line_error(capsys, ["--path", str(trained), "--dataset", "cifar10", *SMALL])
+    assert "not a folder" in _one_line_error(capsys, ["--path", str(trained), "--data", str(tmp_path / "none"),
+                                                      *SMALL])
+    err = _one_line_error(capsys, ["--path", str(trained), "--experiments", "familiarization", *SMALL,
+                                   "--repeats", "40"])  # the tiny test split has 40 images
+    assert "--repeats 40 needs more than 40 test images" in err
+    assert "checkpoint" in _one_line_error(capsys, ["--path", str(tmp_path / "missing.pth.tar"), *SMALL])
+    with pytest.raises(SystemExit):
+        nm.main(["--path", str(trained), "-b", "1"])
+
+
+def test_ood_data_of_other_channels_is_converted_and_said(trained, tmp_path, capsys):
+    assert nm.main(["--path", str(trained), "--experiments", "novelty", "--ood-dataset", "cifar10", "--ood-data",
+                    write_cifar10(tmp_path / "cifar"), *SMALL]) == 0
+    assert "averaged from 3 channels to 1" in capsys.readouterr().out
+
+
+def test_a_checkpoint_of_an_edited_d_is_recorded_through_autograd(monkeypatch, trained, tmp_path):
+    import models
+    from test_training import _head_with_slope
+    monkeypatch.setattr(models.Discriminator, "_head", _head_with_slope(0.2))
+    path = tmp_path / "r.jsonl"
+    assert nm.main(["--path", str(trained), "--experiments", "wake-sleep", "--json", str(path), *SMALL]) == 0
+    assert _records(path)[0]["d_gradients"] == "autograd"
+
+
+def test_records_name_the_checkpoint_and_the_flags(trained, tmp_path):
+    path = tmp_path / "r.jsonl"
+    assert nm.main(["--path", str(trained), "--experiments", "wake-sleep", "--json", str(path), *SMALL]) == 0
+    first = _records(path)[0]
+    assert first["checkpoint"] == str(trained) and first["flags"]["batch_size"] == 8
+    assert first["dataset"] == "mnist" and first["n"] == 32
+    assert dataclasses.asdict(ModelConfig.from_dict(first["model"])) == first["model"]
