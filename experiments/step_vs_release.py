@@ -4,14 +4,14 @@ batch and the same z, with every noise source set to zero: how far apart are the
 new weights?
 
 Usage (from the repository root):
-    python docs/ablations/step_vs_release.py RELEASE_DIR [--doubly] [--update-order O] [--checkpoint RUN]
-                                             [--noise shared] [--data MNIST_DIR]
+    python experiments/step_vs_release.py RELEASE_DIR [--doubly] [--update-order O] [--checkpoint RUN]
+                                          [--noise shared] [--data MNIST_DIR]
 
 RELEASE_DIR holds the release's files (github.com/KordingLab/adversarial-wake-sleep: train.py,
 dcgan_models.py, utils.py). Its train() runs unchanged on the CPU with two stand-ins: `.cuda()`
 returns its tensor, and its optimizers update the weights in place without telling autograd, as
 PyTorch 1.3's did, so its graphs back-propagate through the stepped weights as they did then.
-The flags are the seed's pure command line, or its doubly adversarial one with --doubly.
+The flags are the paper's pure command line, or its doubly adversarial one with --doubly.
 
 Noise off (sigma 0, DeReLU scale 0) makes one step a deterministic function of the weights, the
 batch and z, so what remains is what the two codes compute differently. For each network and
@@ -36,13 +36,14 @@ import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import train as ours  # noqa: E402
+import train as ours  # noqa: E402  (its flags and model_config: the run's own reading of a command line)
+from step import make_optimizers, training_step  # noqa: E402
 from models import DeReLU, Networks  # noqa: E402
 import losses  # noqa: E402
 from losses import StepConfig  # noqa: E402
-from utils import load_checkpoint  # noqa: E402
+from checkpoint import load_checkpoint  # noqa: E402
 from data import load_in_memory, to_unit_range  # noqa: E402
 
 PURE = ("--dataset mnist --image-size 32 --n-filters 32 --noise-dim 40 --lr-g 0.00001 --lr-d 0.0001 "
@@ -330,7 +331,7 @@ def main():
     hp = StepConfig.from_args(args)
     torch.manual_seed(a.seed)
     nets = Networks(ours.model_config(args))
-    optimizers = ours.make_optimizers(nets, args)
+    optimizers = make_optimizers(nets, args)
     rel = release_networks(T, rargs)
     inf, gen, disc, rd = rel
     kw = dict(betas=(rargs.beta1, rargs.beta2), weight_decay=rargs.wd)
@@ -360,7 +361,7 @@ def main():
         shared = SharedDraws()
         with fixed_z(z) if a.noise == "off" else shared.installed():
             shared.code = "ours"
-            ours.training_step(nets, optimizers, x, hp)
+            training_step(nets, optimizers, x, hp)
             shared.code = "release"
             with contextlib.redirect_stdout(io.StringIO()):
                 T.train(rargs, inf, gen, [(x, None)], disc, ropt[2], ropt[1], ropt[0], 0, rd, ropt[3])

@@ -6,7 +6,7 @@ kink: this prints, for a trained run's D on a batch of wake and of sleep states,
 |pre-activation| and the fraction of units within one and three noise sigmas of zero.
 
 Usage (from the repository root):
-    python docs/ablations/d_noise_reach.py RUN --dataset mnist --data DIR
+    python experiments/d_noise_reach.py RUN --dataset mnist --data DIR
 """
 import argparse
 import os
@@ -14,9 +14,19 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
-from utils import load_networks  # noqa: E402
+from checkpoint import load_networks  # noqa: E402
+
+
+def kink_distances(discriminator, states):
+    """How far D's hidden pre-activations of `states` sit from the LeakyReLU's kink, in units of
+    D's noise: (median |pre-activation|, fraction within one sigma of 0, within three sigmas).
+    Only a unit within reach of the noise can change its slope from one draw to the next."""
+    sigma = discriminator.sigma.item()
+    with torch.no_grad():
+        u = discriminator.hidden(states).abs()
+    return u.median().item(), (u < sigma).float().mean().item(), (u < 3 * sigma).float().mean().item()
 
 
 def main():
@@ -37,9 +47,8 @@ def main():
     with torch.no_grad():
         for name, states in (("wake", nets.inference(x)),
                              ("sleep", nets.generator(torch.randn(a.batch_size, cfg.noise_dim, 1, 1)))):
-            u = nets.discriminator.hidden(states).abs()
-            near, near3 = (u < sigma).float().mean().item(), (u < 3 * sigma).float().mean().item()
-            print(f"{name:5s}  median |pre-activation| {u.median().item():.2f}   within sigma {sigma:g} of 0: "
+            median, near, near3 = kink_distances(nets.discriminator, states)
+            print(f"{name:5s}  median |pre-activation| {median:.2f}   within sigma {sigma:g} of 0: "
                   f"{near:.2%}   within 3 sigma: {near3:.2%}")
 
 

@@ -3,8 +3,8 @@
 release's generator, sampled and scored by this code, score as the release's own samples did?
 
 Usage (from the repository root):
-    python docs/ablations/fd_spread.py RUN --data DIR [--draws 5]
-    python docs/ablations/fd_spread.py RUN --data DIR --release RELEASE_DIR --release-generator STATE
+    python experiments/fd_spread.py RUN --data DIR [--draws 5]
+    python experiments/fd_spread.py RUN --data DIR --release RELEASE_DIR --release-generator STATE
 
 RUN is a run folder of this code (its checkpoint.pth.tar). With --release-generator (a state dict
 of the release's Generator, or a dict holding one under "gen"), the release's trained weights are
@@ -24,7 +24,7 @@ sys.path.insert(0, HERE)
 import step_vs_release  # noqa: E402  (also puts the repository root on sys.path)
 from generate_and_save_imgs import sample_noise  # noqa: E402
 from sample_quality import QualityMeasure  # noqa: E402
-from utils import load_networks  # noqa: E402
+from checkpoint import load_networks  # noqa: E402
 
 
 def release_generator_into(nets, release_dir, path):
@@ -43,6 +43,19 @@ def release_generator_into(nets, release_dir, path):
                 mine.copy_(theirs)
 
 
+def fd_of_draws(generator, measure, noise_dim, draws, n_images, first_seed=100, chunk=500):
+    """`fd` of `draws` sets of n_images samples, the k-th from z seeded first_seed + k, as
+    generate_and_save_imgs.py draws them: in eval mode (no noise below the top), so that a draw's
+    score depends on its z alone and the spread between draws is the spread of z."""
+    generator.eval()
+    fds = []
+    with torch.no_grad():
+        for draw in range(draws):
+            z = sample_noise(n_images, noise_dim, first_seed + draw)
+            fds.append(measure.score(torch.cat([generator(part)[0] for part in z.split(chunk)]))["fd"])
+    return fds
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", help="a run folder (its checkpoint.pth.tar) or a checkpoint file")
@@ -57,12 +70,7 @@ def main():
     if a.release_generator:
         release_generator_into(nets, a.release, a.release_generator)
     measure = QualityMeasure(a.dataset, a.data, nets.cfg.image_size)
-    G = nets.generator.eval()
-    fds = []
-    with torch.no_grad():
-        for draw in range(a.draws):
-            z = sample_noise(a.n_images, nets.cfg.noise_dim, 100 + draw)
-            fds.append(measure.score(torch.cat([G(chunk)[0] for chunk in z.split(500)]))["fd"])
+    fds = fd_of_draws(nets.generator, measure, nets.cfg.noise_dim, a.draws, a.n_images)
     print("fd " + " ".join(f"{v:.1f}" for v in fds) + f"  mean {np.mean(fds):.1f}  sd {np.std(fds, ddof=1):.1f}")
 
 

@@ -1,0 +1,130 @@
+"""The scripts of experiments/: each imports without running anything, and the part of it that its
+claim in docs/fidelity.md rests on computes what the script says, on tiny tensors."""
+import copy
+import os
+import shutil
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+from conftest import ROOT, write_mnist
+
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import d_noise_reach  # noqa: E402
+import fd_spread  # noqa: E402
+import release_replica  # noqa: E402
+import step_vs_release  # noqa: E402
+
+import data  # noqa: E402
+import step  # noqa: E402
+from losses import StepConfig  # noqa: E402
+from models import ModelConfig, Networks  # noqa: E402
+
+TINY = ModelConfig(image_size=32, channels=1, n_filters=4, noise_dim=8, divisive_normalization=True)
+
+
+def test_stale_layers_output_the_old_weights_and_pass_gradients_to_the_new():
+    # The release's graphs after an in-place optimizer step: old activations, new weights.
+    torch.manual_seed(0)
+    new = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+    old = copy.deepcopy(new)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(0.5)
+    x = torch.randn(5, 3)
+    with step_vs_release.stale(new, old):
+        out = new(x)
+    assert torch.allclose(out, old(x), atol=1e-6)
+    out.sum().backward()
+    # The last layer's weight gradient is the old hidden activations, summed over the batch.
+    assert torch.allclose(new[2].weight.grad, old[1](old[0](x)).sum(0, keepdim=True))
+    assert all(p.grad is None for p in old.parameters())
+    assert not torch.equal(new(x), old(x))  # the hooks are gone after the block
+
+
+def test_shared_draws_hand_each_code_the_same_numbers():
+    shared = step_vs_release.SharedDraws()
+    with shared.installed():
+        shared.code = "ours"
+        first, second = torch.randn(2, 3), torch.randn(2, 3)
+        u = torch.rand_like(torch.empty(4, 4))
+        shared.code = "release"
+        again = torch.randn(2, 3)
+        v = torch.empty(4, 4).uniform_()
+    assert torch.equal(first, again) and not torch.equal(first, second)
+    assert torch.equal(u, 1 - v)  # this code draws DeReLU's noise from 1 - U, the release from U
+    assert torch.equal(1 - (1 - v), v)  # exact in float32 on the grid k / 2^24
+    assert torch.randn is shared.randn  # installed() put the real draw back
+
+
+def _pure_step_setup(lr_d):
+    torch.manual_seed(0)
+    nets = Networks(TINY)
+    args = types.SimpleNamespace(lr_e=3e-4, lr_g=1e-5, lr_d=lr_d, lr_rd=1e-4, beta1=0.64, beta2=0.999, wd=0.0)
+    return nets, step.make_optimizers(nets, args)
+
+
+def _f_gradient_after(step_fn, lr_d, x, hp):
+    nets, optimizers = _pure_step_setup(lr_d)
+    torch.manual_seed(1)
+    step_fn(nets, optimizers, x, hp)
+    return torch.cat([p.grad.flatten() for p in nets.inference.parameters()])
+
+
+@pytest.mark.parametrize("lr_d, same", [(0.0, True), (1e-2, False)])
+def test_release_rule_differs_from_the_default_only_once_d_moves(lr_d, same):
+    hp = StepConfig(gamma=1.0, lamda=0.9, kl_from_sn=True)
+    x = torch.rand(8, 1, 32, 32) * 2 - 1
+    default = _f_gradient_after(step.training_step, lr_d, x, hp)
+    release = _f_gradient_after(release_replica.release_rule_step, lr_d, x, hp)
+    gap = ((default - release).norm() / default.norm()).item()
+    assert (gap < 1e-4) if same else (gap > 1e-3), gap
+
+
+def test_release_replica_digits_are_the_harness_s_unrounded_floats(tmp_path, monkeypatch):
+    root = write_mnist(tmp_path, n_train=8, n_test=4)
+    rounded = data.load_in_memory("mnist", root, 32)[0]
+    monkeypatch.setattr(data, "_resize", release_replica.resize_in_floats)
+    batches = data.make_batches("mnist", root, 32, 8, "cpu", shuffle=False)
+    x = next(iter(batches))[0]
+    levels = (x + 1) * 127.5
+    assert x.dtype == torch.float32 and x.shape == (8, 1, 32, 32)
+    assert (levels - levels.round()).abs().max() > 0.1  # between the 256 grey levels
+    assert (levels - rounded.float()).abs().max() <= 1 + 1e-4  # at most one grey level from this code's
+
+
+def test_fd_of_draws_scores_seeded_draws_of_the_generator_in_eval_mode():
+    torch.manual_seed(0)
+    generator = Networks(TINY).generator.train()
+    measure = types.SimpleNamespace(score=lambda images: {"fd": images.mean().item()})
+    fds = fd_spread.fd_of_draws(generator, measure, TINY.noise_dim, draws=3, n_images=6, chunk=4)
+    assert not generator.training
+    assert len(set(fds)) == 3  # each draw its own z
+    assert fd_spread.fd_of_draws(generator, measure, TINY.noise_dim, draws=3, n_images=6) == pytest.approx(fds)
+
+
+def test_kink_distances_measure_pre_activations_in_noise_sigmas():
+    torch.manual_seed(0)
+    nets = Networks(TINY)
+    states = nets.inference(torch.rand(4, 1, 32, 32) * 2 - 1)
+    D = nets.discriminator
+    with torch.no_grad():
+        for pair in D.pairs:
+            pair.weight.zero_()
+            pair.bias.fill_(0.02)  # every unit two sigmas from the kink
+    assert d_noise_reach.kink_distances(D, states) == pytest.approx((0.02, 0.0, 1.0))
+    with torch.no_grad():
+        for pair in D.pairs:
+            pair.bias.fill_(-0.005)
+    assert d_noise_reach.kink_distances(D, states) == pytest.approx((0.005, 1.0, 1.0))
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_release_passes_patch_applies_to_this_losses_py():
+    # docs/fidelity.md tells a reader to `git apply` it: it must still fit losses.py as it is.
+    patch = os.path.join(ROOT, "experiments", "release_passes.patch")
+    done = subprocess.run(["git", "apply", "--check", patch], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
