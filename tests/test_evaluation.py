@@ -87,9 +87,9 @@ def one_error_line(capsys):
     return lines[0]
 
 
-# --- the seed's command lines, as written (tiny architecture values, few images)
+# --- the original release's command lines, as written (tiny architecture values, few images)
 
-def test_seed_generate_command(cifar):
+def test_release_generate_command(cifar):
     _, ckpt = cifar
     r = run_script("generate_and_save_imgs.py", "--dataset", "cifar10", "--path", ckpt, "--image-size", 32,
                    "--n-filters", 4, "--noise-dim", 8, "--divisive-normalization", "--n-images", 12)
@@ -102,7 +102,7 @@ def test_seed_generate_command(cifar):
     assert manifest["checkpoint"] == ckpt and manifest["seed"] == 0 and manifest["n_images"] == 12
 
 
-def test_seed_svm_command(cifar, tmp_path):
+def test_release_svm_command(cifar, tmp_path):
     root, ckpt = cifar
     out = tmp_path / "probe.jsonl"
     r = run_script("SVM_classify_from_model.py", "--dataset", "cifar10", "--path", ckpt, "--data", root, "-b", 512,

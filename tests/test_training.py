@@ -335,14 +335,14 @@ def paper_data(tmp_path_factory):
     return str(root)
 
 
-def _seed_command_lines():
-    path = os.path.join(os.path.dirname(__file__), "seed_commands.txt")
+def _release_command_lines():
+    path = os.path.join(os.path.dirname(__file__), "release_command_lines.txt")
     with open(path) as f:
         return [line.strip() for line in f if line.startswith("python train.py")]
 
 
-@pytest.mark.parametrize("command", _seed_command_lines(), ids=["mnist", "doubly-mnist", "cifar10"])
-def test_seed_command_lines_run(command, paper_data, tmp_path):
+@pytest.mark.parametrize("command", _release_command_lines(), ids=["mnist", "doubly-mnist", "cifar10"])
+def test_release_command_lines_run(command, paper_data, tmp_path):
     argv = shlex.split(command.replace("[PATH-TO-MNIST]", paper_data).replace("[PATH-TO-CIFAR10]", paper_data))[2:]
     epochs = argv.index("--epochs")
     argv[epochs + 1] = "1"
@@ -358,7 +358,7 @@ def test_help_lists_every_flag(capsys):
     with pytest.raises(SystemExit):
         train.main(["--help"])
     text = capsys.readouterr().out
-    for line in _seed_command_lines():
+    for line in _release_command_lines():
         for flag in (t for t in shlex.split(line) if t.startswith("-")):
             assert flag in text, flag
 
