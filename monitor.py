@@ -77,6 +77,9 @@ def plot_curves(history, path):
     fig, axes = plt.subplots(1, 4 if measured else 3, figsize=(16 if measured else 12, 3.4))
     axes[0].plot(epochs, col("d_wake"), label="D(wake)")
     axes[0].plot(epochs, col("d_sleep"), label="D(sleep)")
+    if all(r.get("signal_heldout") not in (None, "") for r in history):  # neuromodulation.NoveltyGap's
+        axes[0].plot(epochs, col("signal_train"), "--", label="D(wake), fixed training images")
+        axes[0].plot(epochs, col("signal_heldout"), "--", label="D(wake), fixed held-out images")
     axes[0].set_title("wake/sleep discriminator scores")
     axes[1].plot(epochs, col("loss_d"), label="L_D (with penalties)")
     axes[1].set_title("discriminator loss")

@@ -243,6 +243,38 @@ def pixel_shuffled(images, seed):
     return flat.gather(2, order.unsqueeze(1).expand_as(flat)).view_as(images)
 
 
+class NoveltyGap:
+    """The mean signal on a fixed batch of training images and on one of held-out images, which the
+    training loop records every epoch: the novelty gap as it forms. Its own seeded random numbers and
+    kept buffers, so that the run's steps, and exact resume, are as without it."""
+
+    SIZE = 64
+
+    def __init__(self, familiar, heldout, device):
+        n = min(len(familiar), len(heldout))  # one batch size for both (D's minibatch std)
+        self.familiar, self.heldout, self.device = familiar[:n].to(device), heldout[:n].to(device), device
+
+    @classmethod
+    def of_run(cls, dataset, root, image_size, batch_size, device):
+        """For a run's data; None (said once) where there is no held-out split to compare with."""
+        n = min(cls.SIZE, batch_size)
+        try:
+            familiar = split_images(dataset, root, image_size, True, n, seed=1)
+            heldout = split_images(dataset, root, image_size, False, n, seed=1)
+        except DataError as e:
+            print(f"note: the novelty gap (signal_train, signal_heldout in metrics.csv) is not recorded: {e}",
+                  file=sys.stderr)
+            return None
+        return cls(familiar, heldout, device) if min(len(familiar), len(heldout)) >= 2 else None
+
+    def __call__(self, nets, hp):
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(0)
+            train = record_images(nets, hp, self.familiar, len(self.familiar)).signal.mean().item()
+            heldout = record_images(nets, hp, self.heldout, len(self.heldout)).signal.mean().item()
+        return {"signal_train": train, "signal_heldout": heldout}
+
+
 # --- The three experiments --------------------------------------------------------------------------
 
 @dataclass

@@ -36,6 +36,7 @@ from data import DATASETS, DataError, DataMissing, channels_of, make_batches, nu
 from losses import METRICS, StepConfig
 from metrics import format_probe, layer_features, linear_probe
 from models import ModelConfig, Networks
+from neuromodulation import NoveltyGap
 from sample_quality import DATASETS_MEASURED, QualityMeasure
 from step import NonFiniteError, check_d_gradients, make_optimizers, training_step
 from utils import (RunLock, UserError, WriteError, add_bool_flag, add_release_flags, keep_freed_memory,
@@ -159,13 +160,19 @@ def parse_args(parser, argv=None):
 
 def check_args(args, parser):
     """Refuse bad values before any work starts (exit code 2, with the reason)."""
-    problems = []
+    import math
+    # argparse's float() takes "nan" and "inf". NaN passes every comparison below (each is False), and
+    # either would reach Adam or the step as a traceback or a NaN loss: every float flag must be finite.
+    floats = {a.dest: "/".join(a.option_strings) for a in parser._actions
+              if a.type is float and getattr(args, a.dest, None) is not None}
+    nonfinite = [dest for dest in floats if not math.isfinite(getattr(args, dest))]
+    problems = [f"{floats[dest]} must be a finite number, got {getattr(args, dest)}" for dest in nonfinite]
     if args.image_size < 32 or args.image_size % 16:
         problems.append(f"--image-size must be a multiple of 16 and at least 32, got {args.image_size}")
-    if not 0.0 <= args.gamma <= 1.0:
+    if "gamma" not in nonfinite and not 0.0 <= args.gamma <= 1.0:
         problems.append(f"--gamma must lie in [0, 1], got {args.gamma}")
     for flag in ("epochs", "n_filters", "noise_dim", "lr_g", "lr_d", "lr_e", "lr_rd"):
-        if getattr(args, flag) <= 0:
+        if flag not in nonfinite and getattr(args, flag) <= 0:
             problems.append(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.batch_size < 2:
         problems.append(f"--batch-size must be at least 2 (BatchNorm on the 1x1 top layer and the minibatch "
@@ -180,9 +187,9 @@ def check_args(args, parser):
                         f"(BatchNorm on the 1x1 top layer and the minibatch std need two)")
     for flag in ("lamda", "lamda2", "wd", "gradient_clipping", "lr_decay", "workers", "probe_folds", "save_every",
                  "skip_nonfinite", "quality_every"):
-        if getattr(args, flag) < 0:
+        if flag not in nonfinite and getattr(args, flag) < 0:
             problems.append(f"--{flag.replace('_', '-')} must not be negative, got {getattr(args, flag)}")
-    if not (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1):
+    if not {"beta1", "beta2"}.intersection(nonfinite) and not (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1):
         problems.append(f"--beta1 and --beta2 must lie in [0, 1), got {args.beta1}, {args.beta2}")
     if args.probe_folds == 1:
         problems.append("--probe-folds must be 0 (no probe) or at least 2")
@@ -287,6 +294,9 @@ class Run:
         self.grids, self.written = True, None  # sample grids still wanted; the epoch in ckpt_path this run wrote
         self.quality = None  # --quality-every's measure, made at its first use
         self._start()
+        # D's signal on fixed training and held-out images each epoch (gamma 0 trains no D to ask).
+        self.novelty_gap = None if self.hp.gamma == 0 else NoveltyGap.of_run(
+            args.dataset, args.data, args.image_size, args.batch_size // group.world_size, self.device)
         self.board = monitor.TensorBoard(args.out, enabled=group.is_main)
         # A fixed noise, so that the sample grids of successive epochs are comparable.
         self.fixed_z = torch.randn(100, self.cfg.noise_dim, 1, 1,
@@ -511,6 +521,10 @@ class Run:
         # The metrics were averaged over the processes at every step: every process holds the same row.
         row = {"epoch": epoch + 1, "steps": good, **{k: v.item() / good for k, v in self.sums.items()},
                "sigma": self.nets.inference.sigma.item(), "seconds": round(seconds, 3)}
+        if self.novelty_gap is not None:  # on every process: under --sync-bn its BatchNorm passes meet
+            gap = self.novelty_gap(self.nets, self.hp)
+            row.update(gap)
+            self.board.scalars((epoch + 1) * len(self.batches), gap)
         self.history.append(row)
         if not group.is_main:
             return

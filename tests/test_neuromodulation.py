@@ -178,3 +178,21 @@ def test_records_name_the_checkpoint_and_the_flags(trained, tmp_path):
     assert first["checkpoint"] == str(trained) and first["flags"]["batch_size"] == 8
     assert first["dataset"] == "mnist" and first["n"] == 32
     assert dataclasses.asdict(ModelConfig.from_dict(first["model"])) == first["model"]
+
+
+def test_the_novelty_gap_during_training_changes_nothing_the_run_computes(mnist_root, tmp_path, monkeypatch):
+    """signal_train and signal_heldout each epoch in metrics.csv; the weights after two epochs are those
+    of the same run without them (their random numbers and BatchNorm statistics are their own)."""
+    argv = TINY + ["--dataset", "mnist", "--data", mnist_root, "-b", "16", "--epochs", "2", "--gamma", "0.9",
+                   "--seed", "4", "--probe-folds", "0", "--device", "cpu"]
+    assert train.main(argv + ["--out", str(tmp_path / "with")]) == 0
+    monkeypatch.setattr(train.NoveltyGap, "of_run", classmethod(lambda cls, *a: None))
+    assert train.main(argv + ["--out", str(tmp_path / "without")]) == 0
+    with_gap = torch.load(tmp_path / "with" / "checkpoint.pth.tar", weights_only=True)
+    without = torch.load(tmp_path / "without" / "checkpoint.pth.tar", weights_only=True)
+    for k, v in with_gap["networks"].items():
+        assert torch.equal(v, without["networks"][k]), k
+    rows = with_gap["history"]
+    assert all(isinstance(r["signal_train"], float) and isinstance(r["signal_heldout"], float) for r in rows)
+    assert "signal_train" not in without["history"][0]
+    assert rows[0]["signal_train"] != rows[1]["signal_train"]  # D moved between the epochs
