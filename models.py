@@ -159,7 +159,8 @@ class Generator(nn.Module):
         return divisive_norm(h) if self.divisive_normalization else h
 
     def predict(self, k, h):
-        """a_k(ConvT_k(hk)): tanh onto the image, ReLU above; no N and no noise (docs/algorithm.md, G's prediction loss)."""
+        """a_k(ConvT_k(hk)): tanh onto the image, ReLU above; no N and no noise (docs/algorithm.md,
+        G's prediction loss)."""
         out = self.convs[k - 1](h)
         return torch.tanh(out) if k == 1 else F.relu(out)
 
