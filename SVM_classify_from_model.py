@@ -61,7 +61,13 @@ def get_parser():
 
 
 def check_args(args, parser):
-    problems = []
+    import math
+    # argparse's float() takes "nan" and "inf", which `< 0` lets through (NaN compares False) to a
+    # traceback inside scikit-learn. The release's flags without effect are gone from args by now.
+    floats = {a.dest: "/".join(a.option_strings) for a in parser._actions
+              if a.type is float and getattr(args, a.dest, None) is not None}
+    nonfinite = [dest for dest in floats if not math.isfinite(getattr(args, dest))]
+    problems = [f"{floats[dest]} must be a finite number, got {getattr(args, dest)}" for dest in nonfinite]
     if args.n_folds < 2:
         problems.append(f"--n-folds must be at least 2, got {args.n_folds}")
     for flag in ("batch_size", "epochs"):
@@ -69,7 +75,7 @@ def check_args(args, parser):
             problems.append(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         problems.append(f"--json {args.json}: its folder does not exist")
-    if args.alpha < 0 or args.workers < 0:
+    if ("alpha" not in nonfinite and args.alpha < 0) or args.workers < 0:
         problems.append("--alpha and -j must not be negative")
     if problems:
         parser.error("; ".join(problems))

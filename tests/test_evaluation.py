@@ -198,6 +198,15 @@ def test_bad_checkpoint_is_one_line(script, kind, mnist, tmp_path, capsys):
     assert not any(f.endswith(".png") for f in os.listdir(tmp_path))
 
 
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_a_non_finite_alpha_is_refused_by_name(value, mnist, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        svm.main(["--path", mnist[1], "--alpha", value])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].endswith(f"error: --alpha must be a finite number, got {value}")
+
+
 def test_a_full_disk_or_a_missing_folder_is_one_line(mnist, tmp_path, capsys, monkeypatch):
     import errno
     root, ckpt = mnist

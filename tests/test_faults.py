@@ -301,6 +301,26 @@ def test_every_bad_argument_is_refused_before_any_work(small_mnist, tmp_path, ca
         assert not out.exists(), flags  # nothing written before the refusal
 
 
+def test_non_finite_float_flags_are_refused_by_name(small_mnist, tmp_path, capsys):
+    """argparse's float() reads "nan" and "inf": every float flag refuses them as argparse refuses (exit 2),
+    naming the flag once, before any work (a NaN learning rate was a traceback from Adam)."""
+    out = tmp_path / "out"
+    floats = {a.option_strings[0] for a in train.get_parser()._actions if a.type is float}
+    assert {"--lr-g", "--lr-d", "--lr-e", "--lr-rd", "--gamma", "--lamda", "--lamda2", "--beta1", "--beta2", "--wd",
+            "--gradient-clipping"} <= floats
+    for flag in sorted(floats):
+        for value in ("nan", "inf", "-inf"):
+            with pytest.raises(SystemExit) as exit_:
+                train.main(common_args(small_mnist, out) + [f"{flag}={value}"])
+            err = capsys.readouterr().err
+            assert exit_.value.code == 2 and "Traceback" not in err, (flag, value, err)
+            message = err.strip().splitlines()[-1]
+            # One problem, said once: not also "must be positive" or "must lie in [0, 1]".
+            assert f"error: {flag}" in message and f"must be a finite number, got {value}" in message, message
+            assert message.count("must") == 1, message
+    assert not out.exists()
+
+
 # --- Divergence ---------------------------------------------------------------------------------
 
 def nan_at(monkeypatch, calls_to_spoil, on_spoil=lambda: None):
