@@ -82,38 +82,34 @@ def resolve_checkpoint_path(path):
 
 
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
+# torch.save's older format (_use_new_zipfile_serialization=False) is a sequence of pickles, the first this number.
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+HEAD_BYTES = 64  # read to tell the kinds of file apart
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """Read a checkpoint of this project with weights_only=True; anything else is a CheckpointError.
+    """Read a checkpoint of this project with weights_only=True; anything else is a CheckpointError
+    that says what the file is: empty, a cut-off or damaged zip archive, a pickle that needs other
+    Python objects, a pickle or zip of something else, or not a PyTorch file at all (text, other bytes).
 
     weights_only rebuilds tensors and plain containers only: a file that would need other
     Python objects (and so could run code while being unpickled) is refused before any runs."""
     path = resolve_checkpoint_path(path)
-    with open(path, "rb") as f:
-        head = f.read(len(ZIP_MAGIC))
+    try:
+        with open(path, "rb") as f:
+            head = f.read(HEAD_BYTES)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
     if not head:
         raise CheckpointError(f"{path} is empty (a write that never finished?)")
-    if ZIP_MAGIC.startswith(head) and not zipfile.is_zipfile(path):
-        # A zip archive keeps its directory at the end, the first thing a cut-off copy loses.
-        raise CheckpointError(f"{path} is truncated: a zip archive without its end "
-                              f"(a copy or write that never finished?)")
+    if head.startswith(ZIP_MAGIC) or ZIP_MAGIC.startswith(head):
+        _check_zip(path)
     try:
         with warnings.catch_warnings():  # torch warns about unusual pickles before refusing them; the error says it all
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights only load failed" not in str(e).lower():
-            raise CheckpointError(f"{path} is damaged: {_first_line(e)}") from None
-        culprit = re.search(r"GLOBAL (\S+)", str(e))
-        raise CheckpointError(
-            f"{path} needs Python objects beyond tensors and plain data"
-            + (f" ({culprit.group(1)})" if culprit else "")
-            + " that only a full unpickling could rebuild, and a full unpickling can run arbitrary code: refused. "
-            "(The original release's checkpoints pickle an argparse Namespace.)") from None
     except Exception as e:  # torch.load fails on foreign bytes in many ways: KeyError, RuntimeError, EOFError ...
-        raise CheckpointError(
-            f"{path} is not a PyTorch checkpoint ({e.__class__.__name__}: {_first_line(e)})") from None
+        raise CheckpointError(_unreadable(path, head, e)) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a PyTorch file but not an adversarial wake-sleep checkpoint")
     if state.get("format_version") != FORMAT_VERSION:
@@ -129,9 +125,119 @@ def load_checkpoint(path, map_location="cpu"):
     return state
 
 
-def _first_line(error):
+def _check_zip(path):
+    """Refuse a zip archive that is cut off, damaged or holds no pickle of torch.save's.
+
+    torch.load looks for neither: a cut-off copy fails in opaque ways, and it never compares the
+    checksums, so a flipped bit in the weights would load without a word."""
+    if not zipfile.is_zipfile(path):
+        # A zip archive keeps its directory at the end, the first thing a cut-off copy loses.
+        raise CheckpointError(f"{path} is truncated: a zip archive without its end "
+                              f"(a copy or write that never finished?)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+            bad = archive.testzip() if pickles else None  # the name of the first member whose CRC differs
+    except Exception as e:  # a damaged local header or stream: BadZipFile, zlib.error, EOFError ...
+        raise CheckpointError(f"{path} is damaged: its zip archive cannot be read ({_describe(e)})") from None
+    if not pickles:
+        raise CheckpointError(f"{path} is a zip archive but not a PyTorch checkpoint (it holds no data.pkl)")
+    if bad is not None:
+        raise CheckpointError(f"{path} is damaged: {bad} in it fails its checksum (a bad copy, or a failing disk?)")
+
+
+class _NeedsGlobal(pickle.UnpicklingError):
+    def __init__(self, name):
+        super().__init__(name)
+        self.name = name
+
+
+class _PlainData(pickle.Unpickler):
+    """Reads a pickle as far as plain data goes and runs nothing in it: every global (the only way a
+    pickle reaches code) is refused with its name."""
+
+    def find_class(self, module, name):
+        raise _NeedsGlobal(f"{module}.{name}")
+
+
+def _unreadable(path, head, error):
+    """Why torch.load(weights_only=True) failed on `path` (neither empty nor a cut-off or damaged zip
+    archive), told by what the file is: the message about other Python objects only for a pickle that
+    needs them, as the original release's checkpoints do (an argparse Namespace)."""
+    # torch's weights-only unpickler names the first global it refuses; any other failure is the file's.
+    refused = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))
+    if head.startswith(ZIP_MAGIC):
+        if refused:
+            return _needs_globals(path, refused.group(1))
+        protocol = _zip_pickle_protocol(path)
+        if protocol is not None and protocol >= 4:
+            return _protocol_message(path, protocol)
+        return f"{path} is damaged: {_describe(error)}"
+    if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:  # a binary pickle's first opcode, PROTO 2..5
+        with open(path, "rb") as f:
+            try:
+                first = _PlainData(f).load()
+            except _NeedsGlobal as e:
+                return _needs_globals(path, e.name)
+            except Exception as e:  # cut off (EOFError) or garbled (UnpicklingError, ValueError ...)
+                return f"{path} is not a PyTorch checkpoint but a truncated or damaged Python pickle ({_describe(e)})"
+        if isinstance(first, int) and first == LEGACY_MAGIC:
+            if refused:
+                return _needs_globals(path, refused.group(1))
+            if head[1] >= 4:
+                return _protocol_message(path, head[1])
+            return (f"{path} is truncated or damaged: a PyTorch file of torch.save's older (non-zip) format that "
+                    f"cannot be read to its end ({_describe(error)})")
+        return f"{path} is a Python pickle (pickle.dump's, not torch.save's format), not a PyTorch checkpoint"
+    text = _text_start(head)
+    if text is not None:
+        return f"{path} is not a PyTorch checkpoint (it starts with text: {text!r})"
+    return f"{path} is not a PyTorch checkpoint (it starts with unknown bytes {head[:8].hex(' ')})"
+
+
+def _needs_globals(path, culprit):
+    return (f"{path} needs Python objects beyond tensors and plain data ({culprit}) that only a full unpickling "
+            f"could rebuild, and a full unpickling can run arbitrary code: refused. "
+            f"(The original release's checkpoints pickle an argparse Namespace.)")
+
+
+def _protocol_message(path, protocol):
+    return (f"{path} is a PyTorch file pickled with protocol {protocol}, which torch.load cannot read without "
+            f"a full unpickling (one that could run code): save it again with torch.save's default protocol")
+
+
+def _zip_pickle_protocol(path):
+    """The pickle protocol of a torch.save zip archive's data.pkl (its second byte), or None."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next(n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl"))
+            with archive.open(name) as f:
+                start = f.read(2)
+    except Exception:  # _check_zip read it whole a moment ago; nothing more to say if it now fails
+        return None
+    return start[1] if len(start) == 2 and start[0] == 0x80 else None
+
+
+def _text_start(head):
+    """The first characters of `head` if it reads as text (UTF-8, printable), else None."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.reason != "unexpected end of data":  # only a character cut in two by the end of `head` is forgiven
+            return None
+        text = head[:e.start].decode("utf-8")
+    if not text or not all(c.isprintable() or c in "\t\n\r" for c in text):
+        return None
+    return text[:40]
+
+
+def _describe(error):
+    """An exception as "Class: the first line of its message" (a cut-off pickle's EOFError has none)."""
+    cls = type(error)
+    name = cls.__name__ if cls.__module__ in ("builtins", "_pickle") else f"{cls.__module__}.{cls.__name__}"
     lines = str(error).strip().splitlines()
-    return lines[0] if lines else "no detail"
+    detail = lines[0] if lines else "the data ends too soon" if isinstance(error, EOFError) else "no detail"
+    return f"{name}: {detail}"
 
 
 def _as_flag(field, value):

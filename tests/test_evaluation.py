@@ -1,4 +1,5 @@
 """The evaluation scripts: samples for FID, the Fréchet distance, and the per-layer linear probe."""
+import argparse
 import json
 import os
 import struct
@@ -181,8 +182,16 @@ def test_architecture_mismatch_names_each_field(script, cifar, capsys):
     assert "a 3-channel --dataset" in one_error_line(capsys)
 
 
+# What each kind of bad --path is told; only a pickle that needs other globals hears of arbitrary code.
+BAD_CHECKPOINTS = {"missing": "no checkpoint at", "truncated": "is truncated: a zip archive without its end",
+                   "empty": "is empty", "other kind": "not an adversarial wake-sleep checkpoint",
+                   "not torch": "is not a PyTorch checkpoint (it starts with unknown bytes 89 50 4e 47",
+                   "text": "is not a PyTorch checkpoint (it starts with text: 'hello\\n')",
+                   "needs globals": "(argparse.Namespace) that only a full unpickling could rebuild"}
+
+
 @pytest.mark.parametrize("script", [gen, svm])
-@pytest.mark.parametrize("kind", ["missing", "truncated", "empty", "other kind", "not torch"])
+@pytest.mark.parametrize("kind", list(BAD_CHECKPOINTS))
 def test_bad_checkpoint_is_one_line(script, kind, mnist, tmp_path, capsys):
     path = tmp_path / "checkpoint.pth.tar"
     if kind == "truncated":
@@ -193,8 +202,14 @@ def test_bad_checkpoint_is_one_line(script, kind, mnist, tmp_path, capsys):
         torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
     elif kind == "not torch":
         path.write_bytes(b"\x89PNG not a checkpoint" * 100)
+    elif kind == "text":
+        path.write_text("hello\n")  # echo hello > checkpoint.pth.tar
+    elif kind == "needs globals":
+        torch.save({"args": argparse.Namespace(lr=1e-4)}, path)  # as the original release's checkpoints
     assert script.main(["--path", str(path), "--out" if script is gen else "--data", str(tmp_path)]) == 1
-    one_error_line(capsys)
+    line = one_error_line(capsys)
+    assert BAD_CHECKPOINTS[kind] in line, line
+    assert ("arbitrary code" in line) == (kind == "needs globals"), line
     assert not any(f.endswith(".png") for f in os.listdir(tmp_path))
 
 

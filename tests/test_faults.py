@@ -1,16 +1,20 @@
 """Faults injected one by one: signals, kills, damaged checkpoints, bad arguments, NaNs, bad data.
 
 Each test checks what the program did and that nothing was lost that should not be."""
+import argparse
+import io
 import multiprocessing
 import os
 import pickle
 import random
 import re
 import signal
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zipfile
 
 import numpy as np
 import pytest
@@ -204,43 +208,84 @@ class RunsCode:
         return (open, (self.marker, "w"))
 
 
+def flip_a_bit_of_the_weights(blob):
+    """A zip checkpoint with one bit flipped in the middle of its largest member (the weights): a bad
+    copy, which torch.load itself reads without a word (it never compares the zip's checksums)."""
+    with zipfile.ZipFile(io.BytesIO(blob)) as archive:
+        member = max(archive.infolist(), key=lambda info: info.file_size)
+    # The member's data follows its local header: 30 bytes, then its name and extra field.
+    name_length, extra_length = struct.unpack("<HH", blob[member.header_offset + 26:member.header_offset + 30])
+    at = member.header_offset + 30 + name_length + extra_length + member.file_size // 2
+    return blob[:at] + bytes([blob[at] ^ 1]) + blob[at + 1:]
+
+
 def damaged_checkpoints(folder, good):
-    """name -> path of a file that --resume must refuse in one line."""
+    """{name: (path of a file that --resume must refuse in one line, what the line must say)}. Only the
+    pickles that need other globals are told so; every other file is told what it is instead."""
     blob = good.read_bytes()
-    files = {f"truncated at {n}": blob[:n] for n in (1, 4, 100, 5000, len(blob) // 2, len(blob) - 1)}
-    files["empty"] = b""
-    files["text"] = b"epoch 3, loss 0.1\nthis is not a checkpoint\n"
-    paths = {}
-    for name, content in files.items():
-        paths[name] = folder / (name.replace(" ", "_") + ".pth.tar")
-        paths[name].write_bytes(content)
-    marker = str(folder / "code_ran")
-    paths["pickle that runs code"] = folder / "evil_pickle.pth.tar"
-    with open(paths["pickle that runs code"], "wb") as f:
-        pickle.dump({"format": FORMAT, "payload": RunsCode(marker)}, f)
-    paths["torch file that runs code"] = folder / "evil_torch.pth.tar"
-    torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, "payload": RunsCode(marker)},
-               paths["torch file that runs code"])
-    paths["foreign torch file"] = folder / "foreign.pth.tar"
-    torch.save({"state_dict": {"weight": torch.zeros(3)}}, paths["foreign torch file"])
-    paths["other format version"] = folder / "version99.pth.tar"
     state = torch.load(good, weights_only=True)
-    torch.save({**state, "format_version": 99}, paths["other format version"])
+    files = {f"truncated at {n}": (blob[:n], "truncated") for n in (1, 4, 100, 5000, len(blob) // 2, len(blob) - 1)}
+    files["empty"] = (b"", "empty")
+    files["text"] = (b"epoch 3, loss 0.1\nthis is not a checkpoint\n",
+                     "is not a PyTorch checkpoint (it starts with text: 'epoch 3, loss 0.1\\nthis")
+    files["hello"] = (b"hello\n", "is not a PyTorch checkpoint (it starts with text: 'hello\\n')")  # echo hello >
+    files["unknown bytes"] = (b"\x89PNG\r\n\x1a\n" + bytes(100),
+                              "is not a PyTorch checkpoint (it starts with unknown bytes 89 50 4e 47 0d 0a 1a 0a)")
+    files["a bit flipped"] = (flip_a_bit_of_the_weights(blob), "fails its checksum")
+    other_zip = io.BytesIO()
+    with zipfile.ZipFile(other_zip, "w") as archive:
+        archive.writestr("notes.txt", "a zip archive, but not torch.save's")
+    files["zip of other files"] = (other_zip.getvalue(), "is a zip archive but not a PyTorch checkpoint")
+    legacy = io.BytesIO()
+    torch.save(state, legacy, _use_new_zipfile_serialization=False)  # torch.save's older, non-zip format
+    files["legacy format truncated"] = (legacy.getvalue()[:len(legacy.getvalue()) // 2],
+                                        "is truncated or damaged: a PyTorch file of torch.save's older (non-zip)")
+    files["plain pickle"] = (pickle.dumps({"epoch": 3}), "is a Python pickle (pickle.dump's, not torch.save's")
+    paths = {}
+    for name, (content, says) in files.items():
+        paths[name] = (folder / (name.replace(" ", "_") + ".pth.tar"), says)
+        paths[name][0].write_bytes(content)
+    marker = str(folder / "code_ran")
+    # RunsCode pickles as a call of open(): the global named is the function the file would call.
+    runs_code = "open) that only a full unpickling could rebuild, and a full unpickling can run arbitrary code: refused"
+    paths["pickle that runs code"] = (folder / "evil_pickle.pth.tar", runs_code)
+    with open(paths["pickle that runs code"][0], "wb") as f:
+        pickle.dump({"format": FORMAT, "payload": RunsCode(marker)}, f)
+    paths["torch file that runs code"] = (folder / "evil_torch.pth.tar", runs_code)
+    torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, "payload": RunsCode(marker)},
+               paths["torch file that runs code"][0])
+    paths["legacy torch file that runs code"] = (folder / "evil_legacy.pth.tar", runs_code)
+    torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, "payload": RunsCode(marker)},
+               paths["legacy torch file that runs code"][0], _use_new_zipfile_serialization=False)
+    paths["release checkpoint"] = (folder / "release.pth.tar", "(argparse.Namespace) that only a full unpickling")
+    torch.save({"state_dict": {"weight": torch.zeros(3)}, "args": argparse.Namespace(lr=1e-4)},
+               paths["release checkpoint"][0])  # as the original release's checkpoints hold their flags
+    paths["foreign torch file"] = (folder / "foreign.pth.tar", "not an adversarial wake-sleep checkpoint")
+    torch.save({"state_dict": {"weight": torch.zeros(3)}}, paths["foreign torch file"][0])
+    paths["other format version"] = (folder / "version99.pth.tar", "format version 99")
+    torch.save({**state, "format_version": 99}, paths["other format version"][0])
     return paths, marker
 
 
 def test_damaged_foreign_and_unsafe_checkpoints_are_refused_in_one_line(small_mnist, straight_run, tmp_path, capsys):
     paths, marker = damaged_checkpoints(tmp_path, straight_run / "checkpoint.pth.tar")
-    expected = {"truncated": "truncated", "empty": "empty", "text": "not a PyTorch checkpoint",
-                "pickle that runs code": "arbitrary code", "torch file that runs code": "arbitrary code",
-                "foreign torch file": "not an adversarial wake-sleep checkpoint",
-                "other format version": "format version 99"}
-    for name, path in paths.items():
+    # torch.load alone would take the flipped bit for a weight: the checksum is this project's check.
+    assert torch.load(paths["a bit flipped"][0], weights_only=True)["epoch"] == 2
+    for name, (path, says) in paths.items():
         assert train.main(common_args(small_mnist, tmp_path / "out") + ["--resume", str(path)]) == 1, name
         line = one_error_line(capsys.readouterr().err)
-        assert str(path) in line and expected[name.split(" at ")[0]] in line, (name, line)
+        assert str(path) in line and says in line, (name, line)
+        assert ("arbitrary code" in line) == ("runs code" in name or name == "release checkpoint"), (name, line)
     assert not os.path.exists(marker), "unpickling ran the file's code"
     assert not os.path.exists(tmp_path / "out")  # refused before any work
+
+
+def test_a_checkpoint_in_torch_saves_older_format_loads(straight_run, tmp_path):
+    state = torch.load(straight_run / "checkpoint.pth.tar", weights_only=True)
+    torch.save(state, tmp_path / "legacy.pth.tar", _use_new_zipfile_serialization=False)
+    loaded = load_checkpoint(tmp_path / "legacy.pth.tar")
+    assert loaded["epoch"] == 2 and loaded["networks"].keys() == state["networks"].keys()
+    assert all(torch.equal(loaded["networks"][k], v) for k, v in state["networks"].items())
 
 
 def test_checkpoint_of_another_architecture_is_refused(small_mnist, straight_run, tmp_path, capsys):
