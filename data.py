@@ -17,7 +17,6 @@ import zlib
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-from PIL import Image
 from torch.utils.data import DistributedSampler, default_collate
 from torchvision import datasets, transforms
 
@@ -227,11 +226,16 @@ class _ReadableImages(datasets.ImageFolder):
     ending the epoch; `_collate_readable` leaves it out of the batch and counts it."""
 
     def __getitem__(self, index):
+        path, label = self.samples[index]
         try:
-            return super().__getitem__(index)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # what PIL raises on bad files
-            print(f"\nskipping unreadable image {self.samples[index][0]}: {e}", file=sys.stderr)
+            image = self.loader(path)  # decodes the whole file (PIL's convert("RGB"))
+        except Exception as e:
+            # PIL's decoders fail on a damaged file in many ways: OSError, SyntaxError and ValueError most
+            # often, DecompressionBombError, and TypeError from a TIFF tag of the wrong type. Only the
+            # decoding is guarded: an error of the transforms below is this code's, and surfaces.
+            print(f"\nskipping unreadable image {path}: {e.__class__.__name__}: {e}", file=sys.stderr)
             return None
+        return self.transform(image), label
 
 
 def _collate_readable(items):

@@ -420,32 +420,89 @@ def test_skip_nonfinite_skips_up_to_n_steps_then_stops(small_mnist, tmp_path, ca
 
 # --- Damaged data -------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    """DATA/train: two classes of nine PNGs, a text file posing as a PNG and a cut-off PNG (20 files,
-    five whole batches of four, so that no batch is a partial one)."""
-    root = tmp_path_factory.mktemp("folder")
+def write_pngs(folder, n, rng):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, size=(40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def write_corrupt_png(path, rng):
+    """A PNG whose signature and header are whole and whose compressed pixels are damaged: it opens, and
+    fails as it is decoded."""
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, size=(40, 40, 3), dtype=np.uint8)).save(buf, format="PNG")
+    blob = bytearray(buf.getvalue())
+    pixels = blob.index(b"IDAT") + 4
+    for i in range(pixels + 8, pixels + 72):
+        blob[i] ^= 0x55
+    path.write_bytes(bytes(blob))
+    with Image.open(path) as image, pytest.raises(Exception):
+        image.convert("RGB")
+
+
+def training_batch_sizes(monkeypatch):
+    """A list that gets the size of every batch the training steps from now on."""
+    sizes, real = [], train.training_step
+
+    def recording(nets, optimizers, x, hp, **kwargs):
+        sizes.append(len(x))
+        return real(nets, optimizers, x, hp, **kwargs)
+
+    monkeypatch.setattr(train, "training_step", recording)
+    return sizes
+
+
+def test_an_unreadable_image_leaves_its_batch_one_image_short(tmp_path, capsys, monkeypatch):
+    """One corrupt PNG among eleven good ones, in batches of four: every step trains, the corrupt image's
+    batch with three images; the file is named once, and counted."""
     rng = np.random.default_rng(0)
-    for k in range(2):
-        (root / "train" / f"class{k}").mkdir(parents=True)
-        for i in range(9):
-            pixels = rng.integers(0, 255, size=(40, 40, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / "train" / f"class{k}" / f"{i}.png")
-    (root / "train" / "class0" / "corrupt.png").write_bytes(b"this is not an image")
-    whole = (root / "train" / "class1" / "0.png").read_bytes()
-    (root / "train" / "class1" / "truncated.png").write_bytes(whole[:len(whole) // 2])
-    return root
-
-
-def test_unreadable_images_are_named_skipped_and_counted(image_folder, tmp_path, capsys):
-    argv = TINY + ["--dataset", "folder", "--data", str(image_folder), "-b", "4", "--epochs", "1", "-j", "0",
-                   "--probe-folds", "0", "--seed", "0", "--out", str(tmp_path)]
+    write_pngs(tmp_path / "data" / "train" / "class0", 6, rng)
+    write_pngs(tmp_path / "data" / "train" / "class1", 5, rng)
+    write_corrupt_png(tmp_path / "data" / "train" / "class1" / "corrupt.png", rng)
+    sizes = training_batch_sizes(monkeypatch)
+    argv = TINY + ["--dataset", "folder", "--data", str(tmp_path / "data"), "-b", "4", "--epochs", "1", "-j", "0",
+                   "--probe-folds", "0", "--seed", "0", "--out", str(tmp_path / "run")]
     assert train.main(argv) == 0
     err = capsys.readouterr().err
-    for name in ("corrupt.png", "truncated.png"):
-        assert re.search(rf"skipping unreadable image \S*{name}", err), err
-    assert "epoch 1: skipped 2 unreadable images" in err
-    assert load_checkpoint(tmp_path)["epoch"] == 1
+    assert sorted(sizes) == [3, 4, 4]  # all three steps, and N - 1 = 11 images seen
+    assert len(re.findall(r"skipping unreadable image \S*corrupt\.png", err)) == 1, err
+    assert "epoch 1: skipped 1 unreadable images" in err, err
+    assert not re.search(r"epoch 1: skipped \d+ (non-finite )?steps", err), err  # no step was skipped
+    state = load_checkpoint(tmp_path / "run")
+    assert state["epoch"] == 1 and state["history"][0]["steps"] == 3
+
+
+def test_unreadable_images_of_every_kind_are_named_once_and_counted(tmp_path, capsys):
+    """A text file posing as a PNG, a cut-off PNG, a corrupt PNG, and a file whose decoder raises an error
+    other than PIL's usual ones (its TIFF plugin raises TypeError on a tag of the wrong type): each left
+    out of its batch alone, named once an epoch, and counted."""
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "train"
+    write_pngs(folder / "class0", 7, rng)
+    write_pngs(folder / "class1", 6, rng)
+    (folder / "class0" / "text.png").write_bytes(b"this is not an image")
+    whole = (folder / "class1" / "0.png").read_bytes()
+    (folder / "class1" / "truncated.png").write_bytes(whole[:len(whole) // 2])
+    write_corrupt_png(folder / "class1" / "corrupt.png", rng)
+    batches = data.FolderBatches(str(folder), 32, 8, "cpu", workers=0)  # 16 files: two batches of eight
+    real_loader = batches.dataset.loader
+
+    def loader(path):
+        if path.endswith("class0/6.png"):
+            raise TypeError("'IFDRational' object cannot be interpreted as an integer")
+        return real_loader(path)
+
+    batches.dataset.loader = loader
+    unreadable = ("text.png", "truncated.png", "corrupt.png", "6.png")
+    for epoch in range(2):
+        batches.set_epoch(0, epoch)
+        sizes = [len(x) for x, _ in batches]
+        assert sum(sizes) == 16 - 4 and len(sizes) == len(batches) == 2  # no batch lost, however they fall
+        assert batches.skipped == 4
+        err = capsys.readouterr().err
+        for name in unreadable:
+            assert len(re.findall(rf"skipping unreadable image \S*/{re.escape(name)}: ", err)) == 1, (name, err)
+    assert "TypeError: 'IFDRational'" in err
 
 
 @pytest.mark.parametrize("dataset, victim", [("mnist", "MNIST/raw/train-labels-idx1-ubyte"),
