@@ -1,6 +1,8 @@
-"""Small datasets the tests make themselves (no network, no files from outside the repository)."""
+"""Small datasets, checkpoints and a digit classifier the tests make themselves (no network, no files from
+outside the repository)."""
 import os
 import pickle
+import shutil
 import struct
 import sys
 
@@ -68,3 +70,37 @@ def mnist_root(tmp_path_factory):
 @pytest.fixture(scope="session")
 def cifar_root(tmp_path_factory):
     return write_cifar10(tmp_path_factory.mktemp("cifar"))
+
+
+def make_checkpoint(folder, dataset, data, *flags):
+    """A checkpoint as train.py writes it, of a tiny untrained model (no training steps: fast)."""
+    import models
+    import train
+    from checkpoint import CHECKPOINT_NAME, checkpoint_state, save_checkpoint
+    from step import make_optimizers
+    args = train.get_parser().parse_args(TINY + ["--dataset", dataset, "--data", data, "--out", str(folder),
+                                                 "--seed", "0", *flags])
+    torch.manual_seed(0)
+    nets = models.Networks(train.model_config(args))
+    with torch.no_grad():  # untrained, G's output is ~1e-5 around gray; this spreads it over [-1, 1]
+        for conv in nets.generator.convs:
+            conv.weight.mul_(12)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, CHECKPOINT_NAME)
+    save_checkpoint(path, checkpoint_state(args, nets, make_optimizers(nets, args), 0, 1, 0, []))
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits_quality(tmp_path_factory):
+    """sample_quality's measure of the bundled digits at 32x32, seed 0: its classifier trained once a
+    session. Its cache (digits_quality.cache) is shared: tests copy it (copy_quality_cache), never move it."""
+    import sample_quality
+    return sample_quality.QualityMeasure("digits", None, 32, cache_dirs=[str(tmp_path_factory.mktemp("quality"))])
+
+
+def copy_quality_cache(measure, folder):
+    """The measure's cache copied into folder, where a QualityMeasure looking there reads it instead of
+    training; its path."""
+    os.makedirs(folder, exist_ok=True)
+    return shutil.copy(measure.cache, folder)

@@ -12,32 +12,14 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from conftest import ROOT, TINY, write_cifar10, write_mnist
+from conftest import ROOT, make_checkpoint, write_cifar10, write_mnist
 from PIL import Image
 
 import fid
-from checkpoint import CHECKPOINT_NAME, checkpoint_state, save_checkpoint
 import generate_and_save_imgs as gen
 import models
 import SVM_classify_from_model as svm
-import train
 import utils
-from step import make_optimizers
-
-
-def make_checkpoint(folder, dataset, data, *flags):
-    """A checkpoint as train.py writes it, of a tiny untrained model (no training steps: fast)."""
-    args = train.get_parser().parse_args(TINY + ["--dataset", dataset, "--data", data, "--out", str(folder),
-                                                 "--seed", "0", *flags])
-    torch.manual_seed(0)
-    nets = models.Networks(train.model_config(args))
-    with torch.no_grad():  # untrained, G's output is ~1e-5 around gray; this spreads it over [-1, 1]
-        for conv in nets.generator.convs:
-            conv.weight.mul_(12)
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, CHECKPOINT_NAME)
-    save_checkpoint(path, checkpoint_state(args, nets, make_optimizers(nets, args), 0, 1, 0, []))
-    return path
 
 
 @pytest.fixture(scope="module")
