@@ -229,8 +229,9 @@ def test_gradients_reach_only_their_own_networks():
     sgW = [h.detach().requires_grad_(True) for h in W]
     sgS = [h.detach().requires_grad_(True) for h in S]
     d_w, d_s = D(sgW), D(sgS)
-    L_D = losses.discriminator_loss(d_w, d_s, losses.l1_gradient_penalty(losses.l1_norms(losses.state_gradients(d_w, sgW))),
-                                    losses.l1_gradient_penalty(losses.l1_norms(losses.state_gradients(d_s, sgS))), 1.0, hp.lamda)
+    penalty = [losses.l1_gradient_penalty(losses.l1_norms(losses.state_gradients(d, states)))
+               for d, states in ((d_w, sgW), (d_s, sgS))]
+    L_D = losses.discriminator_loss(d_w, d_s, *penalty, 1.0, hp.lamda)
     L_G = losses.generator_prediction_loss(G, W)
     for loss, foreign in ((L_D, _params(F) + _params(G)), (L_G, _params(F) + _params(D))):
         assert all(g is None for g in torch.autograd.grad(loss, foreign, retain_graph=True, allow_unused=True))
@@ -311,7 +312,7 @@ def test_checkpoint_loads_with_weights_only_and_resume_matches_uninterrupted(tmp
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_a_run_on_cuda_resumes_and_its_checkpoint_loads_without_a_gpu(tmp_path, mnist_root):
-    from utils import networks_from_checkpoint
+    from checkpoint import networks_from_checkpoint
     common = TINY + ["--dataset", "mnist", "--data", mnist_root, "-b", "16", "--seed", "5", "--probe-folds", "2",
                      "--gamma", "0.9", "--device", "cuda", "--out", str(tmp_path)]
     _run(common + ["--epochs", "1"])
@@ -391,27 +392,22 @@ def test_amp_bf16_stays_finite_and_close_to_float32(divisive, device):
             assert abs(bf16[k].item() - fp32[k].item()) <= 0.05 * abs(fp32[k].item()) + 0.02, k
 
 
-def test_quality_every_k_epochs_goes_to_metrics_and_survives_a_resume(tmp_path, mnist_root):
-    common = TINY + ["--dataset", "mnist", "--data", mnist_root, "-b", "16", "--seed", "3", "--probe-folds", "0",
+def test_quality_rows_survive_a_resume_and_more_epochs_on_a_finished_run_probe_again(tmp_path, mnist_root, capsys):
+    common = TINY + ["--dataset", "mnist", "--data", mnist_root, "-b", "16", "--seed", "3", "--probe-folds", "2",
                      "--gamma", "0.9", "--device", "cpu", "--out", str(tmp_path), "--quality-every", "2"]
     _run(common + ["--epochs", "3"])
     rows = _read_metrics(tmp_path)
     assert [r["fd"] != "" for r in rows] == [False, True, True]  # every 2nd epoch, and the last
     assert all(float(r["fd"]) > 0 and 0 < float(r["confidence"]) <= 1 for r in rows[1:])
-    _run(common + ["--epochs", "4", "--resume", str(tmp_path)])
-    again = _read_metrics(tmp_path)
-    assert [r["fd"] for r in again[:3]] == [r["fd"] for r in rows] and again[3]["fd"] != ""
-
-
-def test_training_more_epochs_on_a_finished_run_probes_again(tmp_path, mnist_root):
-    common = TINY + ["--dataset", "mnist", "--data", mnist_root, "-b", "16", "--seed", "1", "--probe-folds", "2",
-                     "--out", str(tmp_path)]
-    _run(common + ["--epochs", "1"])
     first = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
     assert first["probe"] is not None
-    _run(common + ["--epochs", "2", "--resume", str(tmp_path)])
+    capsys.readouterr()
+    _run(common + ["--epochs", "4", "--resume", str(tmp_path)])
+    assert "linear decoding accuracy per layer" in capsys.readouterr().out  # probed again, after epoch 4
+    again = _read_metrics(tmp_path)
+    assert [r["fd"] for r in again[:3]] == [r["fd"] for r in rows] and again[3]["fd"] != ""
     second = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
-    assert second["epoch"] == 2
+    assert second["epoch"] == 4
     assert second["probe"] is not None  # a probe of the new weights, not a stale one dropped
 
 
