@@ -26,12 +26,14 @@ import data
 import losses
 import train
 import utils
-from conftest import ROOT, TINY, write_cifar10, write_mnist
+from conftest import ROOT, TINY, make_checkpoint, write_cifar10, write_mnist
 from models import ModelConfig
 
 # Runs below: 160 images in batches of 4, 40 steps an epoch, enough for a signal to land mid-epoch.
 N_TRAIN, BATCH = 160, 4
 STEPS = N_TRAIN // BATCH
+# Runs that fail between epochs (a full disk) need no steps to speak of: four an epoch.
+FEW_STEPS_BATCH = 40
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -52,11 +54,18 @@ def small_mnist(tmp_path_factory):
     return write_mnist(tmp_path_factory.mktemp("faults_mnist"), n_train=N_TRAIN, n_test=20)
 
 
-def common_args(root, out, epochs=2):
+def common_args(root, out, epochs=2, batch=BATCH):
     # On the CPU also where there is a GPU: resumed runs are compared with uninterrupted ones to the bit,
     # which cuDNN's autotuned kernels and atomic additions do not promise.
-    return TINY + ["--dataset", "mnist", "--data", root, "-b", str(BATCH), "--epochs", str(epochs),
+    return TINY + ["--dataset", "mnist", "--data", root, "-b", str(batch), "--epochs", str(epochs),
                    "--probe-folds", "0", "--seed", "0", "--out", str(out), "--device", "cpu"]
+
+
+def start_without_training(args, group):
+    """In place of train.train: the run as far as its start (flags, data, the run folder claimed: locked,
+    cleared of stray temporaries, config.json; the networks), and no epoch."""
+    train.Run(args, group).board.close()  # its TensorBoard writer, if any, keeps a thread until closed
+    return 0
 
 
 @pytest.fixture(scope="module")
@@ -592,7 +601,7 @@ def test_a_full_disk_during_a_checkpoint_write_stops_in_one_line_and_loses_nothi
     import errno
     budget = {"first": 0, "middle": 50_000, "last": None}[where]
     failing_writes(monkeypatch, errno.ENOSPC, budget, after=1)  # epoch 1's checkpoint is written, epoch 2's fails
-    assert train.main(common_args(small_mnist, tmp_path, epochs=3)) == 1
+    assert train.main(common_args(small_mnist, tmp_path, epochs=3, batch=FEW_STEPS_BATCH)) == 1
     line = one_error_line(capsys.readouterr().err)
     assert f"cannot write {tmp_path}/checkpoint.pth.tar: no space left on device" in line
     assert "checkpoint.pth.tar holds epoch 1" in line and "--resume" in line
@@ -611,25 +620,29 @@ def test_a_read_only_file_system_and_a_failing_sample_grid(small_mnist, tmp_path
 
     # A sample grid is not worth stopping for: said once, and the run goes on.
     failing_writes(monkeypatch, errno.EIO, 0, name="imgs_epoch")
-    assert train.main(common_args(small_mnist, tmp_path / "grid", epochs=2) + ["--save-imgs"]) == 0
+    argv = common_args(small_mnist, tmp_path / "grid", epochs=2, batch=FEW_STEPS_BATCH) + ["--save-imgs"]
+    assert train.main(argv) == 0
     err = capsys.readouterr().err
     assert err.count("training goes on without sample grids") == 1 and "input/output error" in err
     assert load_checkpoint(tmp_path / "grid")["epoch"] == 2
 
 
-def test_stray_temporary_files_of_a_killed_run_are_removed_and_named(small_mnist, tmp_path, capsys):
+def test_stray_temporary_files_of_a_killed_run_are_removed_and_named(small_mnist, tmp_path, capsys, monkeypatch):
     tmp_path.joinpath("gen_images").mkdir()
     stray = [tmp_path / ".checkpoint.pth.tar.k2x9q1ab.tmp", tmp_path / "gen_images" / ".imgs_epoch3.png.a1b2c3d4.tmp"]
     for f in stray:
         f.write_bytes(b"half a checkpoint")
+    monkeypatch.setattr(train, "train", start_without_training)  # a run's start claims its folder
     assert train.main(common_args(small_mnist, tmp_path, epochs=1)) == 0
     err = capsys.readouterr().err
     assert "removed 2 temporary file(s)" in err and all(str(f) in err for f in stray)
     assert not any(f.exists() for f in stray)
 
 
-def test_a_second_run_in_a_live_runs_folder_is_refused_until_that_run_dies(small_mnist, tmp_path, capsys):
+def test_a_second_run_in_a_live_runs_folder_is_refused_until_that_run_dies(small_mnist, tmp_path, capsys,
+                                                                          monkeypatch):
     proc, err, _ = start_training(common_args(small_mnist, tmp_path, epochs=1000))
+    monkeypatch.setattr(train, "train", start_without_training)  # the lock is taken, or refused, at the start
     try:
         wait_for_steps(proc, err, 2)
         assert train.main(common_args(small_mnist, tmp_path, epochs=1)) == 1
@@ -638,7 +651,7 @@ def test_a_second_run_in_a_live_runs_folder_is_refused_until_that_run_dies(small
     finally:
         proc.kill()  # SIGKILL: no handler runs, the kernel drops the lock
         proc.wait()
-    assert train.main(common_args(small_mnist, tmp_path, epochs=1)) == 0
+    assert train.main(common_args(small_mnist, tmp_path, epochs=1)) == 0  # the lock was taken: the run started
 
 
 def test_gzipped_mnist_is_read_as_it_is(small_mnist, tmp_path):
@@ -659,14 +672,17 @@ def test_gzipped_mnist_is_read_as_it_is(small_mnist, tmp_path):
         data.load_in_memory("mnist", str(tmp_path), 32)
 
 
-def test_the_original_releases_flags_are_accepted_with_a_note(small_mnist, tmp_path, capsys):
+def test_the_original_releases_flags_are_accepted_with_a_note(small_mnist, tmp_path, capsys, monkeypatch):
     import generate_and_save_imgs as gen
     import SVM_classify_from_model as svm
+    # The note is said, and the flag dropped, before any work: the run's start is enough to show it.
+    monkeypatch.setattr(train, "train", start_without_training)
     assert train.main(common_args(small_mnist, tmp_path, epochs=1) + ["--detailed-logging"]) == 0
     assert "note: --detailed-logging (the original release's) is accepted and has no effect" in capsys.readouterr().err
-    assert gen.main(["--path", str(tmp_path), "--n-images", "4", "--noise-type", "fixed"]) == 0
+    run = os.path.dirname(make_checkpoint(tmp_path / "run", "mnist", small_mnist))  # as train.py writes it
+    assert gen.main(["--path", run, "--n-images", "4", "--noise-type", "fixed"]) == 0
     assert "note: --noise-type" in capsys.readouterr().err
-    assert svm.main(["--path", str(tmp_path), "--n-folds", "2", "--epochs", "1", "--lr", "1", "--opt", "sgd",
+    assert svm.main(["--path", run, "--n-folds", "2", "--epochs", "1", "--lr", "1", "--opt", "sgd",
                      "--wd", "0.001", "--lr-schedule", "--nonlinear"]) == 0
     assert capsys.readouterr().err.count("note: ") == 5
     # Every flag of the release's train.py is one of ours (taken from its parser, written out here).
