@@ -5,10 +5,13 @@ import shlex
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 import generate_and_save_imgs as gen
+import monitor
 import train
+from checkpoint import load_checkpoint
 from conftest import TINY
 
 RUN = TINY + ["--epochs", "2", "--probe-folds", "0", "--seed", "0", "--device", "cpu", "-b", "500"]
@@ -47,7 +50,9 @@ def test_the_curves_figure_or_a_note_how_to_get_it(run, tmp_path, monkeypatch, c
     pytest.importorskip("matplotlib")
     assert Image.open(out / "curves.png").size[0] > 600
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
-    assert train.main(RUN + ["--epochs", "1", "--out", str(tmp_path)]) == 0
+    # What a run does after its last epoch (Run._finish), with the run's own rows and samples of its size.
+    args = train.parse_args(train.get_parser(), RUN + ["--out", str(tmp_path)])
+    monitor.finish(args, load_checkpoint(out)["history"], torch.rand(100, 1, 32, 32) * 2 - 1)
     captured = capsys.readouterr()
     assert captured.err.count("pip install matplotlib") == 1 and not (tmp_path / "curves.png").exists()
     assert (tmp_path / "samples.png").exists()
