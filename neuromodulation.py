@@ -20,8 +20,9 @@ Experiments: wake-sleep (wake states of training images against sleep states dre
 novelty (familiar training images, novel test images, and out-of-distribution inputs); and
 familiarization (training goes on, with the run's own step and flags, on a stream where K images
 repeat and novel images replace one of them now and then; the checkpoint on disk is never written).
-Each prints a table of means, spreads and effect sizes (AUROC with a bootstrap interval), appends
-one JSON line per condition to --json, and with matplotlib draws a figure into --out.
+Each prints a table of means, spreads and effect sizes (AUROC with a bootstrap interval over the
+scored batches), appends one JSON line per condition to --json, and with matplotlib draws a figure
+into --out.
 """
 import argparse
 import contextlib
@@ -183,19 +184,27 @@ def auroc(a, b):
     return float((ranks[:len(a)].sum() - len(a) * (len(a) + 1) / 2) / (len(a) * len(b)))
 
 
-def bootstrap_interval(statistic, samples, reps, seed, level=0.95):
-    """Percentile interval of statistic(*resampled) over reps resamples of each sample."""
+def bootstrap_interval(statistic, samples, reps, seed, batch_size=1, level=0.95):
+    """Percentile interval of statistic(*resampled) over reps resamples of each sample, resampling
+    whole batches of batch_size consecutive values (a sample's length is a multiple of it).
+
+    The batches a condition was scored in are its independent draws, not its inputs: D's
+    minibatch-std feature shifts the scores of one batch together."""
     rng = np.random.default_rng(seed)
-    values = [statistic(*(s[rng.integers(0, len(s), len(s))] for s in samples)) for _ in range(reps)]
+    rows = [s.reshape(-1, batch_size) for s in samples]
+    values = [statistic(*(r[rng.integers(0, len(r), len(r))].ravel() for r in rows)) for _ in range(reps)]
     lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
     return [float(lo), float(hi)]
 
 
-def compare(a, b, reps, seed):
-    """a against b: AUROC P(a > b) and the difference of means, each with a 95 % bootstrap interval."""
+def compare(a, b, reps, seed, batch_size=1):
+    """a against b: AUROC P(a > b) and the difference of means, each with a 95 % bootstrap interval
+    over the batches each was scored in."""
     diff = lambda x, y: float(x.mean() - y.mean())  # noqa: E731
-    return {"auroc": auroc(a, b), "auroc_ci": bootstrap_interval(auroc, (a, b), reps, seed),
-            "mean_difference": diff(a, b), "mean_difference_ci": bootstrap_interval(diff, (a, b), reps, seed)}
+    return {"auroc": auroc(a, b), "auroc_ci": bootstrap_interval(auroc, (a, b), reps, seed, batch_size),
+            "mean_difference": diff(a, b),
+            "mean_difference_ci": bootstrap_interval(diff, (a, b), reps, seed, batch_size),
+            "batches": [len(a) // batch_size, len(b) // batch_size]}
 
 
 def summary(values):
@@ -428,7 +437,7 @@ def condition_records(s: Setup, experiment, conditions, reference):
                   "gate_by_layer": rec.gate.mean(dim=0).tolist()}
         if name != reference:
             record["against"] = reference
-            record["comparison"] = {k: compare(values[k], ref[k], s.args.bootstrap, s.args.seed)
+            record["comparison"] = {k: compare(values[k], ref[k], s.args.bootstrap, s.args.seed, s.args.batch_size)
                                     for k in ("signal", "gate")}
         records.append(record)
     return records
@@ -439,8 +448,9 @@ def _interval(ci):
 
 
 def print_conditions(title, records):
-    print(f"\n{title} (mean (sd) per input; AUROC = P(condition > {records[0].get('against') or records[1]['against']})"
-          f", 95 % bootstrap interval)")
+    reference = next(r["against"] for r in records if "against" in r)
+    print(f"\n{title} (mean (sd) per input; AUROC = P(condition > {reference}), 95 % interval of a bootstrap "
+          f"over the scored batches)")
     print(f"{'condition':<36} {'n':>5}  {'signal':>16}  {'gate (L1, h1..h5)':>18}  {'weight':>13}  "
           f"{'AUROC signal':>22}  {'AUROC gate':>22}")
     for r in records:

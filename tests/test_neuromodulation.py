@@ -85,6 +85,12 @@ def test_bootstrap_interval_holds_the_statistic_and_narrows_with_data():
     lo_l, hi_l = nm.bootstrap_interval(mean, (large,), 500, seed=0)
     assert lo_s < small.mean() < hi_s and lo_l < large.mean() < hi_l
     assert hi_l - lo_l < (hi_s - lo_s) / 4
+    # Values shifted together within batches of 100 (as D's minibatch std shifts a batch's scores):
+    # resampling whole batches sees 20 draws, not 2,000, and its interval is the wider.
+    shifted = large + np.repeat(rng.normal(0.0, 1.0, 20), 100)
+    lo_i, hi_i = nm.bootstrap_interval(mean, (shifted,), 500, seed=0)
+    lo_b, hi_b = nm.bootstrap_interval(mean, (shifted,), 500, seed=0, batch_size=100)
+    assert hi_b - lo_b > 3 * (hi_i - lo_i)
 
 
 def test_familiarization_effects_by_hand():
