@@ -41,7 +41,7 @@ from models import ModelConfig, Networks  # noqa: E402
 from step import make_optimizers, training_step  # noqa: E402
 from utils import keep_freed_memory, pick_device  # noqa: E402
 
-# The paper's command lines (tests/seed_commands.txt) as step settings.
+# The paper's command lines (tests/release_command_lines.txt) as step settings.
 SETTINGS = {
     "mnist": dict(channels=1, n_filters=32, noise_dim=40, batch=256, argv=[
         "--lr-g", "0.00001", "--lr-d", "0.0001", "--lr-e", "0.0003", "--beta1", "0.64", "--beta2", ".999",
