@@ -498,22 +498,23 @@ def _save(fig, plt, path):
 
 
 def plot_conditions(title, conditions, path):
-    """Histograms of the signal and the gate, one outline per condition."""
+    """The signal and the gate of every condition, as box plots (the gate on a log axis: out-of-
+    distribution inputs move it by orders of magnitude, familiar against novel by a few per cent)."""
     plt = _pyplot()
     if plt is None:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 1.2 + 0.5 * len(conditions)), sharey=True)
+    names = [name for name, _ in conditions]
     for ax, key, label in ((axes[0], "signal", "signal: D's score of the state"),
                            (axes[1], "gate", "plasticity gate: L1 of D's gradient to h1..h5")):
-        values = [rec.numpy()[key] for _, rec in conditions]
-        bins = np.linspace(min(v.min() for v in values), max(v.max() for v in values), 50)
-        for (name, _), v in zip(conditions, values):
-            ax.hist(v, bins=bins, histtype="step", density=True, label=name)
+        ax.boxplot([rec.numpy()[key] for _, rec in conditions], vert=False, whis=(1, 99), sym=".",
+                   flierprops={"markersize": 2})
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("density")
-    axes[1].legend(fontsize=7)
-    fig.suptitle(title)
+    axes[1].set_xscale("log")
+    axes[0].set_yticks(range(1, len(names) + 1), names)
+    axes[0].invert_yaxis()
+    fig.suptitle(f"{title} (boxes: quartiles; whiskers: 1st and 99th percentiles)")
     fig.tight_layout()
     _save(fig, plt, path)
 
