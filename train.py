@@ -43,13 +43,25 @@ from utils import (RunLock, UserError, WriteError, add_bool_flag, add_release_fl
                    note_release_flags, remove_stray_temporaries, save_grid, write_json, write_metrics_csv)
 
 
-
 def get_parser():
     digits = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in DIGITS_DEFAULTS.items())
     p = argparse.ArgumentParser(description="Adversarial Wake-Sleep training (arXiv:2006.10811)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 epilog="The defaults above are the original release's. With --dataset digits (the "
                                        f"default) these replace them, where not given: {digits}")
+    _data_and_model_flags(p)
+    _objective_flags(p)
+    _optimization_flags(p)
+    _run_flags(p)
+    _process_flags(p)
+    add_release_flags(p, {"--detailed-logging": (
+        dict(action="store_true"), "the linear decoding probe of every layer runs after the last epoch here "
+                                   "(--probe-folds), and every epoch's losses go to metrics.csv")})
+    return p
+
+
+def _data_and_model_flags(p):
+    """The data and the architecture: what the checkpoint's model config records."""
     g = p.add_argument_group("data")
     g.add_argument("-d", "--data", metavar="DIR", default="../data",
                    help="dataset root: holds MNIST/raw, cifar-10-batches-py, or train/ and val/ image folders")
@@ -62,6 +74,10 @@ def get_parser():
     g.add_argument("--noise-dim", type=int, default=40, help="units of the top layer, Layer5")
     add_bool_flag(g, "--divisive-normalization", "normalize every layer over channels, pixel by pixel")
     add_bool_flag(g, "--spectral-norm", "spectral normalization on the inference and readout weights")
+
+
+def _objective_flags(p):
+    """The terms of the objective and their weights (docs/algorithm.md)."""
     g = p.add_argument_group("objective")
     g.add_argument("--gamma", type=float, default=1.0,
                    help="1: pure wake-sleep; <1 adds the readout image critic; 0: a WGAN-GP")
@@ -70,6 +86,10 @@ def get_parser():
     g.add_argument("--kl-from-sn", action="store_true", help="pull inferred Layer5 towards N(0, 1) (KL, weight 1e-4)")
     add_bool_flag(g, "--scale-gen-surprisal-by-D", "weigh each sample's generator loss by 2 sigmoid(-D(wake))")
     add_bool_flag(g, "--prioritized-replay", "dream half the sleep batch from the least wake-like wake tops")
+
+
+def _optimization_flags(p):
+    """Adam, the order of updates, the D path, the noise schedule."""
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=int, default=20, help="epochs to train in all (a resumed run counts those done)")
     g.add_argument("-b", "--batch-size", type=int, default=256, help="minibatch size")
@@ -92,6 +112,10 @@ def get_parser():
                         "Discriminator.forward (slower; works for any D you write)")
     g.add_argument("--lr-decay", type=int, default=10000, metavar="N",
                    help="a noise schedule despite the name: every N epochs divide all noise levels by 10")
+
+
+def _run_flags(p):
+    """Where the run writes, resuming, the device, and what it measures on the way."""
     g = p.add_argument_group("run")
     g.add_argument("--out", default=".", help="folder for the checkpoint, metrics, config and images")
     g.add_argument("--resume", default="", metavar="PATH", help="continue from this checkpoint (file or run folder)")
@@ -112,6 +136,10 @@ def get_parser():
                    help="every K epochs and after the last, the digit-classifier measure of 2,000 samples "
                         "(fd, confidence, class_entropy: sample_quality.py) into metrics.csv; digits and mnist "
                         "only; 0: never")
+
+
+def _process_flags(p):
+    """Several processes: torchrun's, and the original release's older way."""
     g = p.add_argument_group("several processes (launch with torchrun; the other flags are the original's, "
                              "the older way)")
     g.add_argument("--sync-bn", action="store_true",
@@ -129,10 +157,6 @@ def get_parser():
                    help="None: nccl on CUDA GPUs, gloo on CPUs")
     g.add_argument("--multiprocessing-distributed", action="store_true",
                    help="start one process per CUDA GPU of this machine (torchrun --nproc_per_node does the same)")
-    add_release_flags(p, {"--detailed-logging": (
-        dict(action="store_true"), "the linear decoding probe of every layer runs after the last epoch here "
-                                   "(--probe-folds), and every epoch's losses go to metrics.csv")})
-    return p
 
 
 # `python train.py` alone trains on scikit-learn's bundled digits (no download) with these, where not
