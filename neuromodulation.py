@@ -90,10 +90,8 @@ def check_args(args, parser):
         problems.append(f"--novel-rate must lie in [0, 1], got {args.novel_rate}")
     if (args.ood_dataset is None) != (args.ood_data is None) and args.ood_dataset != "digits":
         problems.append("--ood-dataset and --ood-data go together (digits needs no --ood-data)")
-    for flag in ("json", "out"):
-        path = getattr(args, flag)
-        if path and flag == "json" and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            problems.append(f"--json {path}: its folder does not exist")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        problems.append(f"--json {args.json}: its folder does not exist")
     if problems:
         parser.error("; ".join(problems))
 
@@ -302,11 +300,12 @@ class Setup:
     device: torch.device
 
     def images(self, train, n, name):
-        x = split_images(self.dataset, self.data, self.nets.cfg.image_size, train, n, condition_seed(self.args.seed,
-                                                                                                     name))
-        return x.to(self.device)
+        seed = condition_seed(self.args.seed, name)
+        return split_images(self.dataset, self.data, self.nets.cfg.image_size, train, n, seed).to(self.device)
 
     def record(self, name, images):
+        if len(images) < self.args.batch_size:
+            raise UserError(f"{name}: {len(images)} images, fewer than one batch (-b {self.args.batch_size})")
         torch.manual_seed(condition_seed(self.args.seed, name))
         return record_images(self.nets, self.hp, images, self.args.batch_size)
 
@@ -374,11 +373,11 @@ def familiarization(s: Setup):
     gen = torch.Generator().manual_seed(condition_seed(args.seed, "stream"))
     repeated, novel = pool[:K], pool[K:]
     torch.manual_seed(condition_seed(args.seed, "familiarization noise"))
-    rows, used = [], 0
+    rows, used, wanted = [], 0, 0
     for t in tqdm(range(T), desc="familiarization", unit="step", leave=False):
         batch, shown = repeated.clone(), torch.arange(K)
-        insert = torch.rand((), generator=gen).item() < args.novel_rate
-        if insert and used < len(novel):
+        wanted += torch.rand((), generator=gen).item() < args.novel_rate
+        if wanted > used and used < len(novel):
             position = int(torch.randint(K, (), generator=gen))
             batch[position], shown[position] = novel[used], -1
             used += 1
@@ -387,8 +386,9 @@ def familiarization(s: Setup):
             training_step(nets, optimizers, batch, s.hp)
         except NonFiniteError as e:
             raise UserError(f"familiarization step {t + 1}: non-finite {e}; nothing was written") from None
-    if insert and used == len(novel):
-        print(f"note: the {len(novel)} novel test images ran out; later steps insert none", file=sys.stderr)
+    if wanted > used:
+        print(f"note: the {len(novel)} novel test images ran out; {wanted - used} insertions were not made",
+              file=sys.stderr)
     rec = [r for r, _ in rows]
     return Stream(np.stack([r.signal.numpy() for r in rec]), np.stack([r.gate.sum(dim=1).numpy() for r in rec]),
                   np.stack([r.gate.numpy() for r in rec]), np.stack([r.weight.numpy() for r in rec]),
