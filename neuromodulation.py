@@ -507,8 +507,11 @@ def plot_conditions(title, conditions, path):
     names = [name for name, _ in conditions]
     for ax, key, label in ((axes[0], "signal", "signal: D's score of the state"),
                            (axes[1], "gate", "plasticity gate: L1 of D's gradient to h1..h5")):
-        ax.boxplot([rec.numpy()[key] for _, rec in conditions], vert=False, whis=(1, 99), sym=".",
-                   flierprops={"markersize": 2})
+        values = [rec.numpy()[key] for _, rec in conditions]
+        try:  # matplotlib 3.10 and later; vert= is deprecated there
+            ax.boxplot(values, orientation="horizontal", whis=(1, 99), sym=".", flierprops={"markersize": 2})
+        except TypeError:
+            ax.boxplot(values, vert=False, whis=(1, 99), sym=".", flierprops={"markersize": 2})
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[1].set_xscale("log")
