@@ -396,19 +396,22 @@ def familiarization(s: Setup):
 
 
 def familiarization_effects(stream: Stream, reps, seed):
-    """Habituation of the repeated set (each image's first presentation against its last tenth) and
-    the novelty response (a novel image against the repeated images of its own batch), for the
-    signal and the gate, each with a 95 % bootstrap interval. Repeated image i sits at position i."""
+    """Habituation of the repeated set (each image's mean over the first tenth of the stream against
+    its mean over the last tenth) and the novelty response (a novel image against the repeated images
+    of its own batch), for the signal and the gate, each with a 95 % bootstrap interval. Repeated
+    image i sits at position i. Tenths rather than single presentations: every step moves D, which
+    can shift a whole batch's scores from one step to the next by more than images differ."""
     T, K = stream.shown.shape
     novel_t, novel_k = np.nonzero(stream.shown < 0)
-    late = slice(T - max(1, T // 10), T)
+    tenth = max(1, T // 10)
+    early, late = slice(0, tenth), slice(T - tenth, T)
     effects = {"steps": T, "repeated": K, "novel_insertions": len(novel_t)}
     mean = lambda x: float(x.mean())  # noqa: E731
     for key in ("signal", "gate"):
         repeated = np.where(stream.shown >= 0, getattr(stream, key), np.nan)  # (T, K)
-        first = repeated[np.argmax(~np.isnan(repeated), axis=0), np.arange(K)]
+        first = np.nanmean(repeated[early], axis=0)
         change = np.nanmean(repeated[late], axis=0) - first
-        effect = {"repeated_by_step": np.nanmean(repeated, axis=1).tolist(), "repeated_first": mean(first),
+        effect = {"repeated_by_step": np.nanmean(repeated, axis=1).tolist(), "repeated_first_tenth": mean(first),
                   "repeated_last_tenth": float(np.nanmean(repeated[late])), "habituation": mean(change),
                   "habituation_ci": bootstrap_interval(mean, (change,), reps, seed)}
         if len(novel_t):
@@ -470,7 +473,7 @@ def print_familiarization(effects):
           f"{effects['novel_insertions']} novel insertions (95 % bootstrap intervals)")
     for key in ("signal", "gate"):
         e = effects[key]
-        line = (f"  {key:<6} repeated: first presentation {e['repeated_first']:.4g}, last tenth "
+        line = (f"  {key:<6} repeated: first tenth {e['repeated_first_tenth']:.4g}, last tenth "
                 f"{e['repeated_last_tenth']:.4g}, change {e['habituation']:.3g} {_interval(e['habituation_ci'])}")
         if "novelty_response" in e:
             halves = ", ".join("-" if h is None else f"{h:.3g}" for h in e["novelty_response_halves"])

@@ -94,19 +94,24 @@ def test_bootstrap_interval_holds_the_statistic_and_narrows_with_data():
 
 
 def test_familiarization_effects_by_hand():
-    """Three steps, K = 2: image 0 goes 1 -> 0 and image 1 2 -> 0 (habituation -1.5 on average); the one
-    novel image (step 2, position 1) scores 5 against the repeated image 0's 0.5 beside it."""
-    signal = np.array([[1.0, 2.0], [0.5, 5.0], [0.0, 0.0]])
-    shown = np.array([[0, 1], [0, -1], [0, 1]])
+    """Twenty steps (a tenth is two), K = 2. Image 0 alternates 0, 1 from step to step, as when every step
+    shifts D's offset: no habituation, where its first presentation alone would say +0.5. Image 1 scores 2
+    in the first tenth, 1 in between, 0 in the last tenth: -2. The one novel image (step 5, position 1)
+    scores 9 beside image 0's 1."""
+    signal = np.ones((20, 2))
+    signal[:, 0] = np.arange(20) % 2
+    signal[:2, 1], signal[18:, 1], signal[5, 1] = 2.0, 0.0, 9.0
+    shown = np.tile([0, 1], (20, 1))
+    shown[5, 1] = -1
     stream = nm.Stream(signal, signal * 10, np.repeat(signal[..., None], 5, axis=2), signal, shown)
     effects = nm.familiarization_effects(stream, reps=20, seed=0)
     e = effects["signal"]
     assert effects["novel_insertions"] == 1
-    assert e["repeated_first"] == pytest.approx(1.5) and e["repeated_last_tenth"] == pytest.approx(0.0)
-    assert e["habituation"] == pytest.approx(-1.5)
-    assert e["novelty_response"] == pytest.approx(4.5)
-    assert e["repeated_by_step"] == pytest.approx([1.5, 0.5, 0.0])
-    assert effects["gate"]["novelty_response"] == pytest.approx(45.0)
+    assert e["repeated_first_tenth"] == pytest.approx(1.25) and e["repeated_last_tenth"] == pytest.approx(0.25)
+    assert e["habituation"] == pytest.approx(-1.0)
+    assert e["novelty_response"] == pytest.approx(8.0)
+    assert e["repeated_by_step"][:6] == pytest.approx([1.0, 1.5, 0.5, 1.0, 0.5, 1.0])
+    assert effects["gate"]["novelty_response"] == pytest.approx(80.0)
 
 
 def test_each_condition_is_scored_in_batches_of_its_own(trained, mnist_root, tmp_path, monkeypatch):
