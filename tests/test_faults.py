@@ -120,8 +120,10 @@ def wait_for_steps(proc, err, n, timeout=60):
     raise AssertionError("training made no progress:\n" + "".join(err))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_mid_epoch_saves_and_resume_matches_uninterrupted_run(sig, small_mnist, straight_run, tmp_path):
+def test_sigterm_mid_epoch_saves_and_resume_matches_uninterrupted_run(small_mnist, straight_run, tmp_path):
+    """The whole path once, with the signal a scheduler sends (SLURM, docker stop); that Ctrl-C's SIGINT
+    takes the same path is test_both_signals_ask_the_loop_to_stop_after_the_step's."""
+    sig = signal.SIGTERM
     argv = common_args(small_mnist, tmp_path)
     proc, err, reader = start_training(argv)
     wait_for_steps(proc, err, 2)
@@ -140,6 +142,18 @@ def test_signal_mid_epoch_saves_and_resume_matches_uninterrupted_run(sig, small_
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {ckpt}: {state['epoch']} epochs and {state['step']} steps" in resumed.stdout
     same_training_state(load_checkpoint(straight_run), load_checkpoint(ckpt))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_both_signals_ask_the_loop_to_stop_after_the_step(sig, capsys):
+    previous = signal.getsignal(sig)
+    with train.Interrupt() as interrupt:
+        assert interrupt.signal is None
+        os.kill(os.getpid(), sig)
+        time.sleep(0.01)  # Python runs the handler between bytecodes
+        assert interrupt.signal == sig
+    assert signal.getsignal(sig) is previous  # the handler is the caller's again
+    assert f"{signal.Signals(sig).name}: stopping after this step" in capsys.readouterr().err
 
 
 def test_second_signal_exits_at_once_and_abandons_the_write_cleanly(tmp_path, capsys):
