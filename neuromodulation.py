@@ -133,28 +133,28 @@ def score_states(D, states, hp: StepConfig):
     return Recording(score.cpu(), gate.cpu(), losses.surprisal_weights(score).cpu())
 
 
-def record_images(nets, hp, images, batch_size):
-    """Wake states of images in [-1, 1], scored batch by batch (one size; a remainder is dropped)."""
+def record_passes(nets, hp, network, inputs):
+    """Score the state `network` (nets.inference or nets.generator) makes of each batch of inputs,
+    each batch as one (score_states), the networks in training mode."""
     out = []
     with training_mode(nets):
-        for i in range(len(images) // batch_size):
-            x = images[i * batch_size:(i + 1) * batch_size]
+        for x in inputs:
             with torch.no_grad():
-                wake = nets.inference(x)
-            out.append(score_states(nets.discriminator, wake, hp))
+                states = network(x)
+            out.append(score_states(nets.discriminator, states, hp))
     return Recording.cat(out)
+
+
+def record_images(nets, hp, images, batch_size):
+    """Wake states of images in [-1, 1], scored batch by batch (one size; a remainder is dropped)."""
+    n = len(images) // batch_size * batch_size
+    return record_passes(nets, hp, nets.inference, images[:n].split(batch_size))
 
 
 def record_dreams(nets, hp, n, batch_size, device):
     """Sleep states G dreams from z ~ N(0, 1), scored as record_images scores wake states."""
-    out = []
-    with training_mode(nets):
-        for _ in range(n // batch_size):
-            z = torch.randn(batch_size, nets.cfg.noise_dim, 1, 1, device=device)
-            with torch.no_grad():
-                sleep = nets.generator(z)
-            out.append(score_states(nets.discriminator, sleep, hp))
-    return Recording.cat(out)
+    z = (torch.randn(batch_size, nets.cfg.noise_dim, 1, 1, device=device) for _ in range(n // batch_size))
+    return record_passes(nets, hp, nets.generator, z)  # each z drawn just before its pass, as before
 
 
 def condition_seed(seed, name):
@@ -342,13 +342,15 @@ def novelty(s: Setup):
 
 @dataclass
 class Stream:
-    """What familiarization recorded: per step t and batch position, the Recording's values and who
-    was shown (index into the repeated set, or -1 for a novel image)."""
+    """What familiarization recorded: per step t and batch position, the signal, the gate (summed over
+    h1..h5) and who was shown (index into the repeated set, or -1 for a novel image)."""
     signal: np.ndarray  # (T, K)
-    gate: np.ndarray  # (T, K), summed over h1..h5
-    gate_by_layer: np.ndarray  # (T, K, 5)
-    weight: np.ndarray  # (T, K)
+    gate: np.ndarray  # (T, K)
     shown: np.ndarray  # (T, K) int
+
+    def repeated(self, key):
+        """The values of `key` of the repeated images, NaN where a novel image stood: (T, K)."""
+        return np.where(self.shown >= 0, getattr(self, key), np.nan)
 
 
 def familiarization(s: Setup):
@@ -389,10 +391,9 @@ def familiarization(s: Setup):
     if wanted > used:
         print(f"note: the {len(novel)} novel test images ran out; {wanted - used} insertions were not made",
               file=sys.stderr)
-    rec = [r for r, _ in rows]
-    return Stream(np.stack([r.signal.numpy() for r in rec]), np.stack([r.gate.sum(dim=1).numpy() for r in rec]),
-                  np.stack([r.gate.numpy() for r in rec]), np.stack([r.weight.numpy() for r in rec]),
-                  np.stack([w.numpy() for _, w in rows]))
+    values = [r.numpy() for r, _ in rows]
+    return Stream(*(np.stack([v[k] for v in values]) for k in ("signal", "gate")),
+                  np.stack([shown.numpy() for _, shown in rows]))
 
 
 def familiarization_effects(stream: Stream, reps, seed):
@@ -408,7 +409,7 @@ def familiarization_effects(stream: Stream, reps, seed):
     effects = {"steps": T, "repeated": K, "novel_insertions": len(novel_t)}
     mean = lambda x: float(x.mean())  # noqa: E731
     for key in ("signal", "gate"):
-        repeated = np.where(stream.shown >= 0, getattr(stream, key), np.nan)  # (T, K)
+        repeated = stream.repeated(key)
         first = np.nanmean(repeated[early], axis=0)
         change = np.nanmean(repeated[late], axis=0) - first
         effect = {"repeated_by_step": np.nanmean(repeated, axis=1).tolist(), "repeated_first_tenth": mean(first),
@@ -535,12 +536,11 @@ def plot_familiarization(stream: Stream, path):
     steps = np.arange(1, len(stream.shown) + 1)
     novel_t, novel_k = np.nonzero(stream.shown < 0)
     for ax, key, label in ((axes[0], "signal", "signal"), (axes[1], "gate", "plasticity gate (L1, h1..h5)")):
-        v = getattr(stream, key)
-        repeated = np.where(stream.shown >= 0, v, np.nan)
+        repeated = stream.repeated(key)
         m, sd = np.nanmean(repeated, axis=1), np.nanstd(repeated, axis=1)
         ax.plot(steps, m, color="C0", label="repeated set: mean")
         ax.fill_between(steps, m - sd, m + sd, color="C0", alpha=0.25, label="repeated set: sd")
-        ax.plot(novel_t + 1, v[novel_t, novel_k], "o", color="C3", ms=3, label="novel insertion")
+        ax.plot(novel_t + 1, getattr(stream, key)[novel_t, novel_k], "o", color="C3", ms=3, label="novel insertion")
         ax.set_xlabel("presentation (training step)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

@@ -103,7 +103,7 @@ def test_familiarization_effects_by_hand():
     signal[:2, 1], signal[18:, 1], signal[5, 1] = 2.0, 0.0, 9.0
     shown = np.tile([0, 1], (20, 1))
     shown[5, 1] = -1
-    stream = nm.Stream(signal, signal * 10, np.repeat(signal[..., None], 5, axis=2), signal, shown)
+    stream = nm.Stream(signal, signal * 10, shown)
     effects = nm.familiarization_effects(stream, reps=20, seed=0)
     e = effects["signal"]
     assert effects["novel_insertions"] == 1
