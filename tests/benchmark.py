@@ -194,17 +194,10 @@ def mnist_like_images(n, mnist_root=None):
     """n MNIST-shaped uint8 images: the test digits of an MNIST folder (mnist_root/MNIST/raw) repeated,
     else scikit-learn's digits."""
     from data import load_in_memory
-    try:
-        if mnist_root is None:
-            raise FileNotFoundError
-        import gzip
-        import numpy as np
-        with gzip.open(os.path.join(mnist_root, "MNIST", "raw", "t10k-images-idx3-ubyte.gz")) as f:
-            digits = torch.from_numpy(np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28).copy())
-        source = "real MNIST test digits, repeated"
-    except OSError:
-        digits, _ = load_in_memory("digits", None, 28)
-        source = "scikit-learn digits, repeated"
+    if mnist_root is not None:  # read as training reads it; a folder that is not one is an error, not a fallback
+        digits, source = load_in_memory("mnist", mnist_root, 28, train=False)[0], "real MNIST test digits, repeated"
+    else:
+        digits, source = load_in_memory("digits", None, 28)[0], "scikit-learn digits, repeated"
     reps = -(-n // len(digits))
     return digits.repeat(reps, 1, 1, 1)[:n], source
 
