@@ -23,7 +23,7 @@ import torch
 from checkpoint import add_architecture_flags, load_networks, resolve_checkpoint_path
 from data import DATASETS, DataError, make_batches
 from metrics import format_probe, layer_features, linear_probe, resampled_probe
-from utils import UserError, add_release_flags, append_jsonl, pick_device, run_main
+from utils import UserError, add_release_flags, append_jsonl, nonfinite_floats, pick_device, run_main
 
 
 def get_parser():
@@ -61,13 +61,9 @@ def get_parser():
 
 
 def check_args(args, parser):
-    import math
-    # argparse's float() takes "nan" and "inf", which `< 0` lets through (NaN compares False) to a
-    # traceback inside scikit-learn. The release's flags without effect are gone from args by now.
-    floats = {a.dest: "/".join(a.option_strings) for a in parser._actions
-              if a.type is float and getattr(args, a.dest, None) is not None}
-    nonfinite = [dest for dest in floats if not math.isfinite(getattr(args, dest))]
-    problems = [f"{floats[dest]} must be a finite number, got {getattr(args, dest)}" for dest in nonfinite]
+    # nan and inf would end in a traceback inside scikit-learn. The release's flags without effect are
+    # gone from args by now (note_release_flags), so only the flags in use are checked.
+    nonfinite, problems = nonfinite_floats(parser, args)
     if args.n_folds < 2:
         problems.append(f"--n-folds must be at least 2, got {args.n_folds}")
     for flag in ("batch_size", "epochs"):

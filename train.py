@@ -40,7 +40,8 @@ from neuromodulation import NoveltyGap
 from sample_quality import DATASETS_MEASURED, QualityMeasure
 from step import NonFiniteError, check_d_gradients, make_optimizers, training_step
 from utils import (RunLock, UserError, WriteError, add_bool_flag, add_release_flags, keep_freed_memory,
-                   note_release_flags, remove_stray_temporaries, save_grid, write_json, write_metrics_csv)
+                   nonfinite_floats, note_release_flags, remove_stray_temporaries, save_grid, write_json,
+                   write_metrics_csv)
 
 
 def get_parser():
@@ -184,13 +185,7 @@ def parse_args(parser, argv=None):
 
 def check_args(args, parser):
     """Refuse bad values before any work starts (exit code 2, with the reason)."""
-    import math
-    # argparse's float() takes "nan" and "inf". NaN passes every comparison below (each is False), and
-    # either would reach Adam or the step as a traceback or a NaN loss: every float flag must be finite.
-    floats = {a.dest: "/".join(a.option_strings) for a in parser._actions
-              if a.type is float and getattr(args, a.dest, None) is not None}
-    nonfinite = [dest for dest in floats if not math.isfinite(getattr(args, dest))]
-    problems = [f"{floats[dest]} must be a finite number, got {getattr(args, dest)}" for dest in nonfinite]
+    nonfinite, problems = nonfinite_floats(parser, args)  # nan and inf would reach Adam or the step
     if args.image_size < 32 or args.image_size % 16:
         problems.append(f"--image-size must be a multiple of 16 and at least 32, got {args.image_size}")
     if "gamma" not in nonfinite and not 0.0 <= args.gamma <= 1.0:

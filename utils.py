@@ -7,6 +7,7 @@ import ctypes
 import errno
 import io
 import json
+import math
 import os
 import sys
 import tempfile
@@ -168,6 +169,19 @@ def serialized(obj):
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getbuffer()
+
+
+def nonfinite_floats(parser, args):
+    """The float flags given as nan or inf: ([their dests], [one problem line each]).
+
+    argparse's float() takes "nan" and "inf"; NaN passes every comparison a range check makes (each is
+    False), and either reaches an optimizer or a solver as a traceback or a NaN loss. Every flag of
+    type float counts, those added later too. Callers skip their own range checks of these dests,
+    so that each bad flag is named once."""
+    floats = {a.dest: "/".join(a.option_strings) for a in parser._actions
+              if a.type is float and getattr(args, a.dest, None) is not None}
+    nonfinite = [dest for dest in floats if not math.isfinite(getattr(args, dest))]
+    return nonfinite, [f"{floats[dest]} must be a finite number, got {getattr(args, dest)}" for dest in nonfinite]
 
 
 def add_release_flags(parser, flags):
