@@ -38,7 +38,8 @@ from tqdm import tqdm
 
 import losses
 from checkpoint import load_networks, resolve_checkpoint_path
-from data import DATASETS, IN_MEMORY, DataError, channels_of, load_in_memory, make_batches, to_unit_range
+from data import DATASETS, IN_MEMORY, DataError, TensorBatches, channels_of, load_in_memory, make_batches, \
+    to_unit_range
 from losses import StepConfig
 from step import NonFiniteError, check_d_gradients, make_optimizers, statistics_kept, training_step
 from utils import UserError, append_jsonl, pick_device, run_main, write_atomically, write_json
@@ -215,9 +216,7 @@ def summary(values):
 def split_images(dataset, root, image_size, train, n, seed):
     """Up to n images of a split in [-1, 1] on the CPU: a seeded draw (image folders: the first n)."""
     if dataset in IN_MEMORY:
-        images, _ = load_in_memory(dataset, root, image_size, train)
-        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
-        return to_unit_range(images[order])
+        return seeded_draw(load_in_memory(dataset, root, image_size, train)[0], n, seed)
     batches = make_batches(dataset, root, image_size, 256, "cpu", train=train, workers=0, shuffle=False, min_batch=1)
     taken, count = [], 0
     for x, _ in batches:
@@ -229,6 +228,12 @@ def split_images(dataset, root, image_size, train, n, seed):
     if not taken:
         raise DataError(f"{root}: no readable images in the {'train' if train else 'test'} split")
     return torch.cat(taken)[:n]
+
+
+def seeded_draw(images, n, seed):
+    """n of a dataset's uint8 images (all, if fewer), drawn by a permutation seeded with seed, in [-1, 1]."""
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+    return to_unit_range(images[order.to(images.device)]).cpu()
 
 
 def with_channels(images, channels):
@@ -262,14 +267,16 @@ class NoveltyGap:
         self.familiar, self.heldout, self.device = familiar[:n].to(device), heldout[:n].to(device), device
 
     @classmethod
-    def of_run(cls, dataset, root, image_size, batch_size, device):
-        """For a run's data; None (said once) where there is no held-out split to compare with. Digits,
-        MNIST and CIFAR-10 only: listing an image folder (all of ImageNet's files) is not worth it."""
-        if dataset not in IN_MEMORY:
+    def of_run(cls, batches, dataset, root, image_size, batch_size, device):
+        """For a run's training batches and data; None (said once) where there is no held-out split to
+        compare with. Digits, MNIST and CIFAR-10 only (their batches hold every training image, which are
+        drawn from there rather than read again): listing an image folder (all of ImageNet's files) is not
+        worth it."""
+        if not isinstance(batches, TensorBatches):
             return None
         n = min(cls.SIZE, batch_size)
         try:
-            familiar = split_images(dataset, root, image_size, True, n, seed=1)
+            familiar = seeded_draw(batches.images, n, seed=1)  # what split_images(..., True, n, 1) would read
             heldout = split_images(dataset, root, image_size, False, n, seed=1)
         except DataError as e:
             print(f"note: the novelty gap (signal_train, signal_heldout in metrics.csv) is not recorded: {e}",

@@ -315,7 +315,7 @@ class Run:
         self._start()
         # D's signal on fixed training and held-out images each epoch (gamma 0 trains no D to ask).
         self.novelty_gap = None if self.hp.gamma == 0 else NoveltyGap.of_run(
-            args.dataset, args.data, args.image_size, args.batch_size // group.world_size, self.device)
+            self.batches, args.dataset, args.data, args.image_size, args.batch_size // group.world_size, self.device)
         self.board = monitor.TensorBoard(args.out, enabled=group.is_main)
         # A fixed noise, so that the sample grids of successive epochs are comparable.
         self.fixed_z = torch.randn(100, self.cfg.noise_dim, 1, 1,
