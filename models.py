@@ -165,9 +165,15 @@ class Generator(nn.Module):
         return torch.tanh(out) if k == 1 else F.relu(out)
 
     def forward(self, z):
-        h = self._norm(z)
+        return self.descend(self._norm(z), 5)  # h0 (B, c, S, S) .. h5 = N(z) (B, nz, 1, 1)
+
+    def descend(self, h, from_layer):
+        """G's top-down path from a state hk of layer k = from_layer: [h0, .., hk], hk as given.
+
+        Each block as in forward (N, noise in train mode only, ReLU; tanh onto the image), so an
+        inferred hk can be carried down to an image (inference_metrics.reconstructions)."""
         states = [h]
-        for k in range(5, 0, -1):
+        for k in range(from_layer, 0, -1):
             h = self.convs[k - 1](h)
             if k > 1:
                 h = self._norm(h)
@@ -177,7 +183,7 @@ class Generator(nn.Module):
             else:
                 h = torch.tanh(h)
             states.append(h)
-        return states[::-1]  # h0 (B, c, S, S) .. h5 (B, nz, 1, 1)
+        return states[::-1]
 
 
 class Discriminator(nn.Module):
