@@ -244,6 +244,8 @@ def _as_flag(field, value):
     """A model-config field's value as the flag that sets it."""
     if field == "readout":
         return "--gamma below 1 (a readout discriminator)" if value else "--gamma 1 (no readout discriminator)"
+    if field == "discriminator":
+        return "--inference-rule " + ("adversarial" if value else "wake-sleep")
     if field == "channels":
         return "a 1-channel --dataset (mnist, digits)" if value == 1 else "a 3-channel --dataset (cifar10, folders)"
     return f"--{field.replace('_', '-')} {value}"

@@ -81,19 +81,38 @@ def surprisal_weights(d_wake):
     return 2 * torch.sigmoid(-d_wake.detach())
 
 
+def prediction_errors(predict, sources, targets):
+    """(B,) sum_{k=1..5} mean_units | predict(k, sg sources[k-1]) - sg targets[k-1] |: the negative
+    log-likelihood, up to constants, of each target layer under Laplace noise around the prediction."""
+    per_sample = 0
+    for k, (source, target) in enumerate(zip(sources, targets), start=1):
+        per_sample = per_sample + (predict(k, source.detach()) - target.detach()).abs().flatten(1).mean(dim=1)
+    return per_sample
+
+
+def generator_prediction_errors(generator, wake):
+    """(B,) sum_{k=1..5} mean | a_k(ConvT_k(sg W_k)) - sg W_{k-1} |: each wake state's term below."""
+    return prediction_errors(generator.predict, wake[1:], wake[:-1])
+
+
 def generator_prediction_loss(generator, wake, weights=None):
-    """sum_{k=1..5} mean | a_k(ConvT_k(sg W_k)) - sg W_{k-1} |.
+    """L_G,pred = mean_b sum_{k=1..5} mean | a_k(ConvT_k(sg W_k)) - sg W_{k-1} |.
 
     G learns to predict each inferred layer from the one above: the paper's
     'maximize the likelihood of lower-level inference activations' under Laplace noise.
     `weights` (B,) weighs each sample's term (--scale-gen-surprisal-by-D)."""
-    per_sample = 0
-    for k in range(1, 6):
-        prediction = generator.predict(k, wake[k].detach())
-        per_sample = per_sample + (prediction - wake[k - 1].detach()).abs().flatten(1).mean(dim=1)
+    per_sample = generator_prediction_errors(generator, wake)
     if weights is not None:
         per_sample = per_sample * weights
     return per_sample.mean()
+
+
+def inference_sleep_prediction_loss(inference, sleep):
+    """L_F,sleep = mean_b sum_{k=1..5} mean | b_k(BN_k(Conv_k(sg S_{k-1}))) - sg S_k |.
+
+    Classic Wake-Sleep's sleep phase (--inference-rule wake-sleep), the mirror of L_G,pred: F
+    learns to predict each dreamed layer from the one below, under the same Laplace noise."""
+    return prediction_errors(inference.predict, sleep[:-1], sleep[1:]).mean()
 
 
 def readout_critic_loss(r_real, r_fake, penalty_real, penalty_fake, gamma, lamda2):
@@ -139,6 +158,7 @@ class StepConfig:
     gradient_clipping: float = 50.0
     amp: bool = False  # bf16 autocast of the forward passes
     update_order: str = "alternating"  # or "simultaneous" (training_step)
+    inference_rule: str = "adversarial"  # or "wake-sleep": F learns from sleep states, no D (step_losses)
     d_gradients: str = "written-out"  # or "autograd": how D's state gradients are taken (d_terms)
 
     @classmethod
@@ -146,7 +166,9 @@ class StepConfig:
         return cls(gamma=args.gamma, lamda=args.lamda, lamda2=args.lamda2, kl_from_sn=args.kl_from_sn,
                    scale_by_d=args.scale_gen_surprisal_by_D, prioritized_replay=args.prioritized_replay,
                    gradient_clipping=args.gradient_clipping, amp=args.amp, update_order=args.update_order,
-                   d_gradients=args.d_gradients)
+                   d_gradients=args.d_gradients,
+                   # the flags of a checkpoint from before --inference-rule existed are the adversarial rule's
+                   inference_rule=getattr(args, "inference_rule", "adversarial"))
 
 
 def as_data(states, dtype):
@@ -158,7 +180,7 @@ def as_data(states, dtype):
 class StepTerms:
     """The forward passes of one step, as step_losses leaves them for training_step."""
     loss_d: torch.Tensor  # L_D: reaches D only
-    loss_rest: torch.Tensor  # L_R (R and F), F's KL term, G's prediction term
+    loss_rest: torch.Tensor  # L_R (R and F), F's KL term or L_F,sleep, G's prediction term
     wake: list  # F's states of the batch, with F's graph
     state_grads: list  # d sum_b D(W)_b / dW at the current D (None at gamma 0)
     image: torch.Tensor  # G(z), with G's graph (None without a readout)
@@ -218,7 +240,8 @@ def step_losses(nets, x, hp: StepConfig):
     # --- Sleep: the generator dreams a state from noise.
     z = torch.randn(B, nets.cfg.noise_dim, 1, 1, device=x.device, dtype=x.dtype)
     g_wake = None
-    if hp.gamma > 0:
+    adversarial = hp.inference_rule == "adversarial" and hp.gamma > 0  # gamma 0 trains no D
+    if adversarial:
         d_wake, g_wake, l1_wake = d_terms(D, as_data(wake, x.dtype), hp)
         d_wake = d_wake.to(x.dtype)
         if hp.prioritized_replay:
@@ -228,7 +251,8 @@ def step_losses(nets, x, hp: StepConfig):
     with torch.set_grad_enabled(R is not None):  # without a readout, sleep states are only ever detached
         sleep = G(z)
 
-    if hp.gamma > 0:
+    sleep_term = zero
+    if adversarial:
         # --- Discriminator: wake states high, sleep states low.
         d_sleep, _, l1_sleep = d_terms(D, as_data(sleep, x.dtype), hp)
         d_sleep = d_sleep.to(x.dtype)
@@ -243,10 +267,16 @@ def step_losses(nets, x, hp: StepConfig):
         weights = surprisal_weights(d_wake) if hp.scale_by_d else None
         prediction = hp.gamma * generator_prediction_loss(G, wake, weights)
         out.update(loss_d=loss_d.detach(), d_wake=d_wake.detach().mean(), d_sleep=d_sleep.detach().mean())
+    elif hp.gamma > 0:
+        # --- Inference, classic Wake-Sleep: each dreamed layer predicted from the one below. No D.
+        loss_d = zero
+        loss_f = sleep_term = hp.gamma * inference_sleep_prediction_loss(F, sleep)
+        # --- Generator, predictive, as above.
+        prediction = hp.gamma * generator_prediction_loss(G, wake)
     else:
         loss_d = loss_f = prediction = zero
     loss_g, kl = prediction, zero
-    if hp.kl_from_sn:
+    if hp.kl_from_sn and hp.inference_rule == "adversarial":  # Wake-Sleep's F learns from sleep states alone
         kl = 1e-4 * kl_from_standard_normal(wake[5].to(x.dtype))
         loss_f = loss_f + kl
 
@@ -258,5 +288,5 @@ def step_losses(nets, x, hp: StepConfig):
         loss_g = loss_g + generator_readout_loss(r_fake.detach(), hp.gamma)
 
     out.update(loss_f=loss_f.detach(), loss_g=loss_g.detach(), loss_r=loss_r.detach())
-    return StepTerms(loss_d, loss_r + kl + prediction, wake, g_wake, sleep[0] if R is not None else None, grad_fake,
+    return StepTerms(loss_d, loss_r + kl + prediction + sleep_term, wake, g_wake, sleep[0] if R is not None else None, grad_fake,
                      out)

@@ -35,6 +35,7 @@ class ModelConfig:
     divisive_normalization: bool = False
     spectral_norm: bool = False
     readout: bool = False  # a readout discriminator exists only when gamma < 1
+    discriminator: bool = True  # a wake/sleep discriminator exists only under --inference-rule adversarial
 
     def __post_init__(self):
         if self.image_size < 32 or self.image_size % 16:
@@ -139,6 +140,15 @@ class Inference(nn.Module):
                 h = divisive_norm(h)
             states.append(h)  # (B, nf * 2^(k-1), S / 2^k, S / 2^k); h5: (B, nz, 1, 1)
         return states
+
+    def predict(self, k, h):
+        """b_k(BN_k(Conv_k(h))): F's noiseless guess of hk from h(k-1), ReLU below the top, linear at
+        h5; no DeReLU, noise or N, as G.predict has none (classic Wake-Sleep's sleep-phase term,
+        docs/algorithm.md). BatchNorm normalizes by this batch's own statistics, as in F's training
+        passes, but leaves the running statistics to the wake passes that evaluation reads."""
+        bn = self.norms[k - 1]
+        out = F.batch_norm(self.convs[k - 1](h), None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
+        return F.relu(out) if k < 5 else out
 
 
 class Generator(nn.Module):
@@ -250,12 +260,13 @@ class Networks(nn.Module):
         self.cfg = cfg
         self.inference = Inference(cfg)
         self.generator = Generator(cfg)
-        self.discriminator = Discriminator(cfg)
+        self.discriminator = Discriminator(cfg) if cfg.discriminator else None
         self.readout = Readout(cfg) if cfg.readout else None
         init_weights(self)
 
     def parts(self):
-        """name -> network, for the networks that exist (readout only when gamma < 1)."""
+        """name -> network, for the networks that exist (readout only when gamma < 1, the
+        discriminator only under the adversarial rule)."""
         names = ("inference", "generator", "discriminator", "readout")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
@@ -263,7 +274,8 @@ class Networks(nn.Module):
     def decay_noise(self, factor=10.0):
         """The paper's 'lr-decay' schedule: divide every noise level and DeReLU scale by factor."""
         for net in (self.inference, self.generator, self.discriminator):
-            net.sigma /= factor
+            if net is not None:
+                net.sigma /= factor
         for m in self.inference.derelu:
             if isinstance(m, DeReLU):
                 m.scale /= factor

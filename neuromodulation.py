@@ -564,6 +564,9 @@ def setup(args):
     device = pick_device(args.device, args.gpu)
     path = resolve_checkpoint_path(args.path)
     state, nets = load_networks(path, device)
+    if nets.discriminator is None:
+        raise UserError(f"{path} was trained with --inference-rule wake-sleep: it has no wake/sleep discriminator, "
+                        f"so no neuromodulator to record")
     config = state.get("config") or {}
     dataset, data = args.dataset or config.get("dataset"), args.data or config.get("data")
     if dataset not in DATASETS:

@@ -94,6 +94,9 @@ def training_step(nets, optimizers, x, hp: StepConfig, check_finite=True, averag
          G steps on it and its prediction term.
     simultaneous: every gradient at the same parameter values, one backward, every network steps.
 
+    Under --inference-rule wake-sleep there is no D: step 1 is empty, F steps in step 2 on its sleep
+    prediction term L_F,sleep (and L_R), G in step 3 on its own terms, as above.
+
     `average(nets, metrics, names) -> metrics` (several processes: distributed.Group.average)
     turns the gradients of `names` and the metrics into their means over the processes."""
     for opt in optimizers.values():
@@ -132,7 +135,7 @@ def check_d_gradients(nets, hp: StepConfig, say=print):
     """hp, or hp with d_gradients "autograd" where the written-out D gradients no longer match
     Discriminator.forward (D was edited): said in one line, and the plain path trains instead of
     the old D's formulas. Checked in well under a second, before the first step."""
-    if hp.d_gradients != "written-out" or hp.gamma == 0:  # gamma 0 never scores a state
+    if hp.d_gradients != "written-out" or hp.gamma == 0 or nets.discriminator is None:  # nothing scores a state
         return hp
     if discriminator_gradients.agrees_with_autograd(nets.discriminator, nets.cfg.state_shapes()):
         return hp

@@ -87,6 +87,9 @@ def _objective_flags(p):
     g.add_argument("--kl-from-sn", action="store_true", help="pull inferred Layer5 towards N(0, 1) (KL, weight 1e-4)")
     add_bool_flag(g, "--scale-gen-surprisal-by-D", "weigh each sample's generator loss by 2 sigmoid(-D(wake))")
     add_bool_flag(g, "--prioritized-replay", "dream half the sleep batch from the least wake-like wake tops")
+    g.add_argument("--inference-rule", default="adversarial", choices=("adversarial", "wake-sleep"),
+                   help="how F learns: adversarial (against the wake/sleep discriminator D), or classic "
+                        "wake-sleep (predicting each dreamed layer from the one below; no D is built)")
 
 
 def _optimization_flags(p):
@@ -210,6 +213,11 @@ def check_args(args, parser):
             problems.append(f"--{flag.replace('_', '-')} must not be negative, got {getattr(args, flag)}")
     if not {"beta1", "beta2"}.intersection(nonfinite) and not (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1):
         problems.append(f"--beta1 and --beta2 must lie in [0, 1), got {args.beta1}, {args.beta2}")
+    if args.inference_rule == "wake-sleep":
+        needs_d = [f for f in ("scale_gen_surprisal_by_D", "prioritized_replay") if getattr(args, f)]
+        if needs_d:
+            problems.append(f"--inference-rule wake-sleep builds no wake/sleep discriminator, which "
+                            f"{' and '.join('--' + f.replace('_', '-') for f in needs_d)} need")
     if args.probe_folds == 1:
         problems.append("--probe-folds must be 0 (no probe) or at least 2")
     if args.quality_every > 0 and args.dataset not in DATASETS_MEASURED:
@@ -232,7 +240,20 @@ def check_args(args, parser):
 def model_config(args):
     return ModelConfig(image_size=args.image_size, channels=channels_of(args.dataset), n_filters=args.n_filters,
                        noise_dim=args.noise_dim, divisive_normalization=args.divisive_normalization,
-                       spectral_norm=args.spectral_norm, readout=args.gamma < 1)
+                       spectral_norm=args.spectral_norm, readout=args.gamma < 1,
+                       discriminator=args.inference_rule == "adversarial")
+
+
+def unused_flags_note(args):
+    """What --inference-rule wake-sleep leaves unused, said once: the paper's command lines stay
+    runnable as they are with the rule switched, and nothing passes unnoticed."""
+    if args.inference_rule != "wake-sleep":
+        return None
+    note = ("note: --inference-rule wake-sleep builds no wake/sleep discriminator: --lr-d, --lamda and "
+            "--d-gradients are unused")
+    if args.kl_from_sn:
+        note += "; F learns from sleep states alone, so --kl-from-sn (a term on wake states) is unused too"
+    return note
 
 
 class BadArgument(UserError):
@@ -313,8 +334,10 @@ class Run:
         self.grids, self.written = True, None  # sample grids still wanted; the epoch in ckpt_path this run wrote
         self.quality = None  # --quality-every's measure, made at its first use
         self._start()
-        # D's signal on fixed training and held-out images each epoch (gamma 0 trains no D to ask).
-        self.novelty_gap = None if self.hp.gamma == 0 else NoveltyGap.of_run(
+        # D's signal on fixed training and held-out images each epoch (gamma 0 trains no D to ask,
+        # wake-sleep builds none).
+        no_d = self.hp.gamma == 0 or self.nets.discriminator is None
+        self.novelty_gap = None if no_d else NoveltyGap.of_run(
             self.batches, args.dataset, args.data, args.image_size, args.batch_size // group.world_size, self.device)
         self.board = monitor.TensorBoard(args.out, enabled=group.is_main)
         # A fixed noise, so that the sample grids of successive epochs are comparable.
@@ -344,8 +367,10 @@ class Run:
         if resumed:
             self._resume(resumed)
         # The fast D path holds only for the D it was written for: checked here, before the first step.
-        self.hp = check_d_gradients(self.nets, StepConfig.from_args(args),
-                                    say=print if group.is_main else lambda *a, **k: None)
+        say = print if group.is_main else lambda *a, **k: None
+        self.hp = check_d_gradients(self.nets, StepConfig.from_args(args), say=say)
+        if unused_flags_note(args):
+            say(unused_flags_note(args), file=sys.stderr)
         group.broadcast_(self.nets)  # equal already (same seed, same file); now equal to the bit on any hardware
         self.average = group.average if group.active else None
 
