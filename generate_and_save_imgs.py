@@ -61,7 +61,8 @@ def get_parser():
     g = p.add_argument_group("sample quality for digits, offline (sample_quality.py)")
     g.add_argument("--classifier-fd", action="store_true",
                    help="score the samples by a digit classifier trained on the run's dataset (mnist, digits): "
-                        "Fréchet distance of its features to the test split, confidence, class entropy")
+                        "Fréchet distance and KID of its features to the test split's, precision, recall, "
+                        "confidence, class entropy")
     add_release_flags(p, {"--noise-type": (dict(metavar="TYPE"), "the networks' noise is part of the checkpoint")})
     return p
 
@@ -75,8 +76,11 @@ def check_args(args, parser):
         path = getattr(args, flag)
         if path is not None and not path.endswith(".npz"):
             problems.append(f"--{flag.replace('_', '-')} {path} must end in .npz")
-    if (args.fid_ref or args.classifier_fd) and args.n_images < 2:
-        problems.append("--fid-ref and --classifier-fd need --n-images of at least 2 (a covariance)")
+    if args.fid_ref and args.n_images < 2:
+        problems.append("--fid-ref needs --n-images of at least 2 (a covariance)")
+    if args.classifier_fd and args.n_images < sample_quality.MIN_SAMPLES:
+        problems.append(f"--classifier-fd needs --n-images of at least {sample_quality.MIN_SAMPLES} "
+                        f"(precision and recall: {sample_quality.NEIGHBOURS} nearest neighbours of each sample)")
     if args.save_ref_stats and not args.fid_ref:
         problems.append("--save-ref-stats needs --fid-ref")
     if args.save_ref_stats and args.fid_ref and args.fid_ref.endswith(".npz"):
@@ -151,7 +155,7 @@ def generate(args):
     if quality is not None:
         scores = quality.score(to_unit_range(images[:, :nets.cfg.channels]))
         manifest["classifier_fd"] = {**scores, "classifier": quality.cache}
-        print("classifier measure: " + " ".join(f"{k}={v:.4g}" for k, v in scores.items())
+        print("classifier measure: " + sample_quality.summary(scores)
               + f" ({args.n_images} samples vs the test split; comparable only at equal sample counts)")
     write_json(os.path.join(out, MANIFEST), manifest)
     return 0

@@ -1,4 +1,4 @@
-"""Sample quality for digits, offline: the Fréchet distance of a digit classifier's features.
+"""Sample quality for digits, offline: Fréchet distance, KID, precision and recall of a digit classifier's features.
 
     python sample_quality.py SAMPLES --dataset mnist --data DIR     # SAMPLES: .npz, .npy or a PNG folder
     python generate_and_save_imgs.py --path RUN --n-images 2000 --classifier-fd --data DIR
@@ -6,10 +6,16 @@
 Inception features (fid.py) mean little for 32x32 gray digits, and need weights from the internet.
 Here a small convolutional classifier is trained on the dataset's training split (seeded; cached
 in a file beside the data, or beside the run where the data folder is read-only, and retrained
-when that file is absent or describes other data). Three numbers describe a set of samples:
+when that file is absent or describes other data). Six numbers describe a set of samples:
 
 - fd: the Fréchet distance between Gaussians fitted to the classifier's penultimate features
   (128) of the samples and of the test split (lower is better; the FID formula of fid.py);
+- kid: the kernel inception distance of the same features (Bińkowski et al. 2018), an unbiased
+  MMD^2 with a cubic polynomial kernel, averaged over random subsets (lower is better; near 0, and
+  possibly slightly below, for samples as good as real digits);
+- precision and recall (Kynkäänniemi et al. 2019, k = 3): the fraction of samples that lie on the
+  test digits' manifold (do they look real?) and of test digits that lie on the samples' manifold
+  (is every kind of digit drawn?); higher is better, 1 at most;
 - confidence: the classifier's mean top-class probability on the samples (do they look like
   some digit?);
 - class_entropy: the entropy, in nats, of the histogram of predicted classes (log 10 = 2.30 when
@@ -35,8 +41,13 @@ import fid
 from data import DATASETS, DataError, channels_of, load_in_memory, to_unit_range
 from utils import UserError, WriteError, serialized, write_atomically
 
-VERSION = 1  # of the classifier and its training; a cache of another version is retrained
+# Of the classifier, its training and what its cache holds; a cache of another version is retrained. 2: the
+# cache holds the test split's features (precision, recall and kid need them), not only their mean and covariance.
+VERSION = 2
 DATASETS_MEASURED = ("digits", "mnist")  # the datasets a digit classifier can describe
+LOWER_IS_BETTER = ("fd", "kid")  # score()'s other numbers are better higher
+NEIGHBOURS = 3  # the k of precision and recall, as in Kynkäänniemi et al. 2019
+MIN_SAMPLES = NEIGHBOURS + 1  # a sample's k-th nearest neighbour among the samples
 
 
 class DigitClassifier(nn.Module):
@@ -87,12 +98,77 @@ def features_and_probabilities(net, x, batch_size=500):
     return torch.cat(feats).double().numpy(), torch.cat(probs).double().numpy()
 
 
+def manifold_coverage(points, manifold, k=3, chunk=1000):
+    """The fraction of points (N, D) inside the k-nearest-neighbour manifold of manifold (M, D)
+    (Kynkäänniemi et al. 2019, arXiv:1904.06991): the union of balls, one around each manifold point,
+    whose radius is that point's distance to its k-th nearest neighbour in the manifold. A point on a
+    ball's surface is inside. Distances come `chunk` rows at a time: memory chunk x M, whatever N."""
+    if not 0 < k < len(manifold):
+        raise ValueError(f"k = {k} needs more than k points in the manifold, got {len(manifold)}")
+    # kthvalue(k + 1): a manifold point's nearest neighbour in its own set is itself, at distance 0.
+    radii = torch.cat([torch.cdist(part, manifold).kthvalue(k + 1, dim=1).values for part in manifold.split(chunk)])
+    inside = torch.cat([(torch.cdist(part, manifold) <= radii).any(dim=1) for part in points.split(chunk)])
+    return inside.double().mean().item()
+
+
+def precision_recall(real_feats, fake_feats, k=3):
+    """(precision, recall) of fake features (N, D) against real ones (M, D) (Kynkäänniemi et al. 2019, whose
+    k is 3): precision is the fraction of fakes on the real manifold, recall the fraction of reals on the
+    fake one. Compare sets of equal size, as the paper does: the balls of a larger set are smaller."""
+    real, fake = torch.as_tensor(real_feats, dtype=torch.float64), torch.as_tensor(fake_feats, dtype=torch.float64)
+    return manifold_coverage(fake, real, k), manifold_coverage(real, fake, k)
+
+
+def kernel_inception_distance(real_feats, fake_feats, subsets=100, subset_size=1000, seed=0):
+    """The kernel inception distance of Bińkowski et al. 2018 (arXiv:1801.01401) between real and fake
+    features (N, d): (mean, standard deviation) over `subsets` random subsets of the unbiased estimate
+
+        MMD^2 = sum_{i != j} [k(x_i, x_j) + k(y_i, y_j)] / (m (m - 1)) - 2 sum_{i, j} k(x_i, y_j) / m^2
+
+    with the kernel k(x, y) = (x.y / d + 1)^3. Each subset draws m = min(subset_size, len(real), len(fake))
+    points x of the real and y of the fake set, without replacement, from a generator seeded with seed,
+    so a seed gives the same value. Unbiased: sets of one distribution give values around 0, some below."""
+    real, fake = torch.as_tensor(real_feats, dtype=torch.float64), torch.as_tensor(fake_feats, dtype=torch.float64)
+    m, d = min(subset_size, len(real), len(fake)), real.shape[1]
+    if m < 2:
+        raise ValueError(f"KID needs at least two feature vectors in each set, got {len(real)} and {len(fake)}")
+    g = torch.Generator().manual_seed(seed)
+    real_rows = torch.stack([torch.randperm(len(real), generator=g)[:m] for _ in range(subsets)])  # (subsets, m)
+    fake_rows = torch.stack([torch.randperm(len(fake), generator=g)[:m] for _ in range(subsets)])
+    # Several subsets per batched matmul (kernel matrices of about 4M entries, 32 MB): one subset at a time,
+    # the many small operations cost far more than the arithmetic on a busy CPU.
+    at_once = max(1, 4_000_000 // m ** 2)
+    values = []
+    for i, j in zip(real_rows.split(at_once), fake_rows.split(at_once)):
+        x, y = real[i], fake[j]  # (B, m, d)
+        k_xx, k_yy, k_xy = ((a @ b.transpose(1, 2) / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))  # (B, m, m)
+        within = (_off_diagonal_sum(k_xx) + _off_diagonal_sum(k_yy)) / (m * (m - 1))
+        values.append(within - 2 * k_xy.mean((1, 2)))
+    values = torch.cat(values)
+    return values.mean().item(), values.std(correction=0).item()
+
+
+def _off_diagonal_sum(k):
+    """Sums of the matrices k (B, m, m) without their diagonals: the unbiased MMD leaves out k(x_i, x_i)."""
+    return k.sum((1, 2)) - k.diagonal(dim1=1, dim2=2).sum(1)
+
+
+def summary(scores):
+    """score()'s numbers as one line, grouped by which way is better."""
+    def line(keys):
+        return " ".join(f"{k}={scores[k]:.4g}" for k in keys)
+    lower = [k for k in scores if k in LOWER_IS_BETTER]
+    higher = [k for k in scores if k not in LOWER_IS_BETTER]
+    return (f"{line(lower)} (lower is better); {line(higher)} "
+            f"(higher is better; class_entropy is at most 2.303, all ten digits equally often)")
+
+
 def _fingerprint(images, labels):
     return hashlib.sha1(images.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()[:16]
 
 
 class QualityMeasure:
-    """The classifier of one dataset, image size and seed, with the test split's feature statistics."""
+    """The classifier of one dataset, image size and seed, with the test split's features and their statistics."""
 
     def __init__(self, dataset, root, image_size, cache_dirs=(), seed=0):
         if dataset not in DATASETS_MEASURED:
@@ -114,14 +190,15 @@ class QualityMeasure:
                 self.net = DigitClassifier(channels_of(dataset), image_size, classes=saved["classes"])
                 self.net.load_state_dict(saved["state"])
                 self.net.eval()
-                self.ref = (saved["mu"].numpy(), saved["sigma"].numpy())
+                self._reference(saved["features"].double().numpy())
                 self.cache = path
                 return
         self.net = fit(train_x, train_y, seed=seed)
         test_x, _ = load_in_memory(dataset, root, image_size, train=False)
-        self.ref = fid.statistics(features_and_probabilities(self.net, to_unit_range(test_x))[0])
+        self._reference(features_and_probabilities(self.net, to_unit_range(test_x))[0])
+        # float32 loses nothing: the features are the network's float32 outputs, widened to float64.
         state = {"key": key, "classes": self.net.logits.out_features, "state": self.net.state_dict(),
-                 "mu": torch.from_numpy(self.ref[0]), "sigma": torch.from_numpy(self.ref[1])}
+                 "features": torch.from_numpy(self.ref_feats).float()}
         for d in dirs:  # the first writable folder keeps it; none writable: retrain next time
             try:
                 os.makedirs(d, exist_ok=True)
@@ -131,14 +208,29 @@ class QualityMeasure:
             except (OSError, WriteError):
                 continue
 
+    def _reference(self, feats):
+        """The test split's features (N, 128), float64, and their mean and covariance for fd."""
+        self.ref_feats = feats
+        self.ref = fid.statistics(feats)
+        # Precision and recall take the first N of this fixed order: the same test digits at every score of N samples.
+        self.ref_order = torch.randperm(len(feats), generator=torch.Generator().manual_seed(0)).numpy()
+
     def score(self, samples):
-        """{fd, confidence, class_entropy} of float samples (N, C, S, S) in [-1, 1], quantized to 8 bits first."""
+        """{fd, kid, precision, recall, confidence, class_entropy} of float samples (N, C, S, S) in [-1, 1],
+        quantized to 8 bits first. precision and recall compare the N samples with N test digits (a fixed
+        draw; all of them where the test split is smaller); kid averages 100 subsets of
+        min(1000, N, test digits) each."""
+        if len(samples) < MIN_SAMPLES:
+            raise UserError(f"the classifier measure needs at least {MIN_SAMPLES} samples, got {len(samples)}")
         x = to_unit_range(fid.to_uint8(samples.detach().cpu().float()))
         feats, probs = features_and_probabilities(self.net, x)
         mu, sigma = fid.statistics(feats)
+        precision, recall = precision_recall(self.ref_feats[self.ref_order[:len(feats)]], feats, k=NEIGHBOURS)
         freq = np.bincount(probs.argmax(1), minlength=probs.shape[1]) / len(probs)
         nz = freq[freq > 0]
-        return {"fd": fid.frechet_distance(mu, sigma, *self.ref), "confidence": float(probs.max(1).mean()),
+        return {"fd": fid.frechet_distance(mu, sigma, *self.ref),
+                "kid": kernel_inception_distance(self.ref_feats, feats, subsets=100, subset_size=1000, seed=0)[0],
+                "precision": precision, "recall": recall, "confidence": float(probs.max(1).mean()),
                 "class_entropy": float(abs((nz * np.log(nz)).sum()))}  # abs: one class gives -0.0
 
 
@@ -182,7 +274,7 @@ def main(argv=None):
     except (UserError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(" ".join(f"{k}={v:.4g}" for k, v in scores.items()))
+    print(summary(scores))
     return 0
 
 
