@@ -138,7 +138,7 @@ def _run_flags(p):
                    help="folds of the linear decoding probe after the last epoch; 0 skips it")
     g.add_argument("--quality-every", type=int, default=0, metavar="K",
                    help="every K epochs and after the last, the digit-classifier measure of 2,000 samples "
-                        "(fd, confidence, class_entropy: sample_quality.py) into metrics.csv; digits and mnist "
+                        "(fd, kid, precision, recall, confidence, class_entropy: sample_quality.py) into metrics.csv; digits and mnist "
                         "only; 0: never")
 
 

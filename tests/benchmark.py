@@ -49,6 +49,14 @@ SETTINGS = {
     "mnist-doubly": dict(channels=1, n_filters=32, noise_dim=40, batch=128, argv=[
         "--lr-g", "0.0002", "--lr-d", "0.00001", "--lr-e", "0.0008", "--lr-rd", "0.00001", "--beta1", "0",
         "--beta2", ".9", "--lamda", ".7", "--lamda2", "7", "--kl-from-sn", "--gamma", "0.9"]),
+    # The comparison of docs/wake_sleep.md: the same command lines, F learning by classic Wake-Sleep.
+    "mnist-wake-sleep": dict(channels=1, n_filters=32, noise_dim=40, batch=256, argv=[
+        "--lr-g", "0.00001", "--lr-d", "0.0001", "--lr-e", "0.0003", "--beta1", "0.64", "--beta2", ".999",
+        "--lamda", ".9", "--kl-from-sn", "--inference-rule", "wake-sleep"]),
+    "mnist-doubly-wake-sleep": dict(channels=1, n_filters=32, noise_dim=40, batch=128, argv=[
+        "--lr-g", "0.0002", "--lr-d", "0.00001", "--lr-e", "0.0008", "--lr-rd", "0.00001", "--beta1", "0",
+        "--beta2", ".9", "--lamda", ".7", "--lamda2", "7", "--kl-from-sn", "--gamma", "0.9",
+        "--inference-rule", "wake-sleep"]),
     "cifar10": dict(channels=3, n_filters=128, noise_dim=100, batch=128, argv=[
         "--lr-g", "0.0002", "--lr-d", "0.00001", "--lr-e", "0.0008", "--lr-rd", "0.00001", "--beta1", "0",
         "--beta2", ".9", "--lamda", ".7", "--lamda2", "7", "--kl-from-sn", "--gamma", "0.9"]),
@@ -79,7 +87,8 @@ def build(name, device, prepare=None):
     s = SETTINGS[name]
     args = train.get_parser().parse_args(s["argv"] + ["--divisive-normalization", "True", "-b", str(s["batch"])])
     cfg = ModelConfig(image_size=32, channels=s["channels"], n_filters=s["n_filters"], noise_dim=s["noise_dim"],
-                      divisive_normalization=True, readout=args.gamma < 1)
+                      divisive_normalization=True, readout=args.gamma < 1,
+                      discriminator=args.inference_rule == "adversarial")
     torch.manual_seed(0)
     nets = Networks(cfg).to(device)
     if prepare is not None:
