@@ -591,7 +591,7 @@ class Run:
                             f"{resume_hint(self.ckpt_path)} once the disk is fixed") from None
 
     def _quality(self):
-        """fd, confidence and class_entropy of 2,000 samples of a fixed noise (its own generator: the
+        """fd, kid, precision, recall, confidence and class_entropy of 2,000 samples of a fixed noise (its own generator: the
         training's random stream, and so exact resume, are untouched). The classifier is trained once,
         or read from its cache beside the data or in the run folder."""
         if self.quality is False:
