@@ -1,6 +1,7 @@
 """The scripts of experiments/: each imports without running anything, and the part of it that its
 claim in docs/fidelity.md rests on computes what the script says, on tiny tensors."""
 import copy
+import json
 import os
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import d_noise_reach  # noqa: E402
 import fd_spread  # noqa: E402
 import release_replica  # noqa: E402
+import rule_comparison  # noqa: E402
 import step_vs_release  # noqa: E402
 
 import data  # noqa: E402
@@ -128,3 +130,40 @@ def test_release_passes_patch_applies_to_this_losses_py():
     patch = os.path.join(ROOT, "experiments", "release_passes.patch")
     done = subprocess.run(["git", "apply", "--check", patch], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def _fake_run(folder, rule, seed, fd, ts):
+    """A run folder with the files rule_comparison reads, its numbers made up."""
+    os.makedirs(os.path.join(folder, "samples2000"))
+    os.makedirs(os.path.join(folder, "inference"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"args": {"inference_rule": rule, "gamma": 1.0, "seed": seed}}, f)
+    with open(os.path.join(folder, "metrics.csv"), "w") as f:
+        f.write("epoch,steps\n1,32\n2,32\n")
+    with open(os.path.join(folder, "samples2000", "samples.json"), "w") as f:
+        json.dump({"classifier_fd": {"fd": fd, "kid": 1.0, "precision": 0.5, "recall": 0.25}}, f)
+    interval = {"mean": 0.1, "low": 0.0, "high": 0.2}
+    with open(os.path.join(folder, "inference", "inference_measures.json"), "w") as f:
+        json.dump({"reconstruction": {str(k): {"mse": interval} for k in range(1, 6)},
+                   "label_agreement_of_inputs": None,
+                   "wake_vs_sleep": {"whole": {"accuracy": ts}}, "null": {"whole": {"accuracy": 0.5}}}, f)
+    return str(folder)
+
+
+def test_rule_comparison_groups_seeds_and_gives_the_welch_difference(tmp_path, capsys):
+    runs = [_fake_run(tmp_path / f"a{s}", "adversarial", s, fd, 1.0) for s, fd in enumerate([10.0, 12.0, 14.0])]
+    runs += [_fake_run(tmp_path / f"w{s}", "wake-sleep", s, fd, 0.9) for s, fd in enumerate([20.0, 30.0])]
+    keyed = rule_comparison.groups([rule_comparison.run_row(r) for r in runs])
+    assert list(keyed) == [("adversarial", 1.0), ("wake-sleep", 1.0)]
+    assert rule_comparison.cell(keyed[("adversarial", 1.0)], "fd") == "12.0 (10.0 - 14.0)"
+    assert keyed[("adversarial", 1.0)][0]["steps"] == 64
+    # Welch by hand: means 12 and 25; variances of the means 4 / 3 and 50 / 2; df from the formula.
+    d, lo, hi = rule_comparison.welch([10, 12, 14], [20, 30])
+    se = (4 / 3 + 25) ** 0.5
+    df = (4 / 3 + 25) ** 2 / ((4 / 3) ** 2 / 2 + 25 ** 2 / 1)
+    from scipy import stats
+    assert d == -13 and hi == pytest.approx(-13 + stats.t.ppf(0.975, df) * se)
+    rule_comparison.main(runs)
+    out = capsys.readouterr().out
+    assert "| Adversarial Wake-Sleep (pure, gamma 1) | 3, 64 | 12.0 (10.0 - 14.0) |" in out
+    assert "| adversarial - wake-sleep, gamma 1 (95 % Welch) |" in out
