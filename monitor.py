@@ -117,7 +117,7 @@ def finish(args, history, samples):
 
 
 def summary(args, made):
-    """Where the run's files are, and the two commands that evaluate it, with its own paths (both
+    """Where the run's files are, and the commands that evaluate it, with its own paths (the
     scripts read the dataset and its folder from the checkpoint)."""
     out = args.out
     quality = " --classifier-fd" if args.dataset in DATASETS_MEASURED else ""
@@ -127,5 +127,6 @@ def summary(args, made):
     lines += [f"  {'samples' if name == GRID_NAME else 'curves':<11} {path}" for name, path in made.items()]
     lines += ["evaluate it:",
               f"  python generate_and_save_imgs.py --path {out} --n-images 10000{quality}",
-              f"  python SVM_classify_from_model.py --path {out}"]
+              f"  python SVM_classify_from_model.py --path {out}",
+              f"  python measure_inference.py --path {out}"]
     return "\n".join(lines)

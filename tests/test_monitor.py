@@ -43,6 +43,7 @@ def test_every_run_ends_with_a_sample_grid_and_a_summary_whose_commands_run(run,
     argv[argv.index("--n-images") + 1] = "4"
     assert gen.main(argv + ["--out", str(tmp_path / "s")]) == 0  # the summary's command, as printed
     assert "SVM_classify_from_model.py --path " + str(out) in summary
+    assert "measure_inference.py --path " + str(out) in summary
 
 
 def test_the_curves_figure_or_a_note_how_to_get_it(run, tmp_path, monkeypatch, capsys):
