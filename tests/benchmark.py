@@ -236,6 +236,8 @@ def main():
     p.add_argument("--steps", type=int, default=10, help="timed steps per setting (median reported)")
     p.add_argument("--baseline", action="store_true", help="also time the term-by-term evaluation")
     p.add_argument("--epoch", action="store_true", help="also time a whole MNIST epoch with data")
+    p.add_argument("--kinds", nargs="+", default=None, metavar="KIND",
+                   help="time only these kinds of step (e.g. fast 'fast, simultaneous'); default: all")
     p.add_argument("--compile", action="store_true", help="also time the step with F and G under torch.compile")
     p.add_argument("--epoch-images", type=int, default=60000)
     p.add_argument("--mnist", default=None, metavar="DIR",
@@ -267,6 +269,8 @@ def main():
             kinds.append(("fast+compile", fast_step, {}, compiled))
         if args.baseline:
             kinds.append(("baseline", baseline_step, {}, None))
+        if args.kinds:
+            kinds = [k for k in kinds if k[0] in args.kinds]
         for setting in args.settings:
             counted = {}
             for kind, step, flags, prepare in kinds:
