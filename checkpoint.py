@@ -14,7 +14,7 @@ import zipfile
 
 import torch
 
-from data import channels_of
+from data import DATASETS, DataError, channels_of
 from models import ModelConfig, Networks
 from utils import UserError, add_bool_flag, serialized, write_atomically
 
@@ -270,6 +270,25 @@ def networks_from_checkpoint(state, device="cpu"):
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint weights do not fit its own model config: {str(e).splitlines()[0]}") from None
     return nets.to(device)
+
+
+def add_checkpoint_flags(parser):
+    """--path and the dataset flags of a script that evaluates a checkpoint (dataset_of reads them)."""
+    parser.add_argument("--path", required=True, help="checkpoint file, or the run folder holding checkpoint.pth.tar")
+    parser.add_argument("--dataset", default=None, choices=DATASETS, help="default: the one the model was trained on")
+    parser.add_argument("-d", "--data", default=None, metavar="DIR", help="dataset root (default: the run's)")
+
+
+def dataset_of(path, state, args):
+    """(dataset, data root) of add_checkpoint_flags' flags, by default the run's own, refused in one line
+    where neither says which dataset or the root is not a folder."""
+    config = state.get("config") or {}
+    dataset, data = args.dataset or config.get("dataset"), args.data or config.get("data")
+    if dataset not in DATASETS:
+        raise UserError(f"{path} does not say which dataset it was trained on; pass --dataset")
+    if dataset != "digits" and not (data and os.path.isdir(data)):
+        raise DataError(f"--data {data} is not a folder (pass the root that holds the {dataset} dataset)")
+    return dataset, data
 
 
 def add_architecture_flags(parser):

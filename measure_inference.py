@@ -26,8 +26,8 @@ import torch
 from torchvision.utils import make_grid
 
 import inference_metrics as im
-from checkpoint import add_architecture_flags, load_networks, resolve_checkpoint_path
-from data import DATASETS, DataError, DataMissing, make_batches
+from checkpoint import add_architecture_flags, add_checkpoint_flags, dataset_of, load_networks, resolve_checkpoint_path
+from data import DataMissing, make_batches
 from neuromodulation import _pyplot, _save
 from sample_quality import DATASETS_MEASURED, QualityMeasure
 from utils import UserError, pick_device, run_main, save_grid, to_unit_interval, write_json
@@ -38,9 +38,7 @@ FIGURE_COLUMNS = 10  # test images shown in reconstructions.png
 def get_parser():
     p = argparse.ArgumentParser(description="Measures of how well a trained model's inference network infers",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--path", required=True, help="checkpoint file, or the run folder holding checkpoint.pth.tar")
-    p.add_argument("--dataset", default=None, choices=DATASETS, help="default: the one the model was trained on")
-    p.add_argument("-d", "--data", default=None, metavar="DIR", help="dataset root (default: the run's)")
+    add_checkpoint_flags(p)
     add_architecture_flags(p)
     p.add_argument("--n", type=int, default=4000,
                    help="wake states and sleep states each (training images: twice as many, for the null); "
@@ -173,12 +171,7 @@ def setup(args):
     device = pick_device(args.device, args.gpu)
     path = resolve_checkpoint_path(args.path)
     state, nets = load_networks(path, device, args)  # a --dataset of other channels is refused here, in one line
-    config = state.get("config") or {}
-    dataset, data = args.dataset or config.get("dataset"), args.data or config.get("data")
-    if dataset not in DATASETS:
-        raise UserError(f"{path} does not say which dataset it was trained on; pass --dataset")
-    if dataset != "digits" and not (data and os.path.isdir(data)):
-        raise DataError(f"--data {data} is not a folder (pass the root that holds the {dataset} dataset)")
+    dataset, data = dataset_of(path, state, args)
     return path, state, nets, device, dataset, data
 
 

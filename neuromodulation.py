@@ -37,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 import losses
-from checkpoint import load_networks, resolve_checkpoint_path
+from checkpoint import add_checkpoint_flags, dataset_of, load_networks, resolve_checkpoint_path
 from data import DATASETS, IN_MEMORY, DataError, TensorBatches, channels_of, load_in_memory, make_batches, \
     to_unit_range
 from losses import StepConfig
@@ -51,9 +51,7 @@ N_LAYERS = 5  # F's layers h1..h5, the ones D's gradient teaches
 def get_parser():
     p = argparse.ArgumentParser(description="Record the wake/sleep discriminator as a neuromodulator",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--path", required=True, help="checkpoint file, or the run folder holding checkpoint.pth.tar")
-    p.add_argument("--dataset", default=None, choices=DATASETS, help="default: the one the model was trained on")
-    p.add_argument("-d", "--data", default=None, metavar="DIR", help="dataset root (default: the run's)")
+    add_checkpoint_flags(p)
     p.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS), choices=EXPERIMENTS)
     p.add_argument("-b", "--batch-size", type=int, default=100,
                    help="the one size of every scored batch (D's minibatch std couples a batch's samples)")
@@ -568,14 +566,10 @@ def setup(args):
         raise UserError(f"{path} was trained with --inference-rule wake-sleep: it has no wake/sleep discriminator, "
                         f"so no neuromodulator to record")
     config = state.get("config") or {}
-    dataset, data = args.dataset or config.get("dataset"), args.data or config.get("data")
-    if dataset not in DATASETS:
-        raise UserError(f"{path} does not say which dataset it was trained on; pass --dataset")
+    dataset, data = dataset_of(path, state, args)
     if channels_of(dataset) != nets.cfg.channels:
         raise UserError(f"{path} holds a model of {nets.cfg.channels}-channel images; --dataset {dataset} has "
                         f"{channels_of(dataset)}")
-    if dataset != "digits" and not (data and os.path.isdir(data)):
-        raise DataError(f"--data {data} is not a folder (pass the root that holds the {dataset} dataset)")
     import train  # the run's flags: the checkpoint's, over train.py's defaults for any it predates
     run_flags = train.get_parser().parse_args([])
     vars(run_flags).update({k: v for k, v in config.items() if k in vars(run_flags)})
