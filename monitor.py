@@ -75,14 +75,23 @@ def plot_curves(history, path):
     col = lambda k: [float(r[k]) for r in history]  # noqa: E731
     measured = [r for r in history if r.get("fd") not in (None, "")]  # --quality-every's epochs
     fig, axes = plt.subplots(1, 4 if measured else 3, figsize=(16 if measured else 12, 3.4))
-    axes[0].plot(epochs, col("d_wake"), label="D(wake)")
-    axes[0].plot(epochs, col("d_sleep"), label="D(sleep)")
-    if all(r.get("signal_heldout") not in (None, "") for r in history):  # neuromodulation.NoveltyGap's
-        axes[0].plot(epochs, col("signal_train"), "--", label="D(wake), fixed training images")
-        axes[0].plot(epochs, col("signal_heldout"), "--", label="D(wake), fixed held-out images")
-    axes[0].set_title("wake/sleep discriminator scores")
-    axes[1].plot(epochs, col("loss_d"), label="L_D (with penalties)")
-    axes[1].set_title("discriminator loss")
+    has_d = any(col("d_wake")) or any(col("d_sleep"))
+    if has_d:
+        axes[0].plot(epochs, col("d_wake"), label="D(wake)")
+        axes[0].plot(epochs, col("d_sleep"), label="D(sleep)")
+        if all(r.get("signal_heldout") not in (None, "") for r in history):  # neuromodulation.NoveltyGap's
+            axes[0].plot(epochs, col("signal_train"), "--", label="D(wake), fixed training images")
+            axes[0].plot(epochs, col("signal_heldout"), "--", label="D(wake), fixed held-out images")
+        axes[0].set_title("wake/sleep discriminator scores")
+    else:  # no D scored a state: Wake-Sleep, or gamma 0
+        axes[0].text(0.5, 0.5, "no wake/sleep discriminator", ha="center", va="center", transform=axes[0].transAxes)
+        axes[0].set_title("wake/sleep discriminator scores")
+    if has_d:
+        axes[1].plot(epochs, col("loss_d"), label="L_D (with penalties)")
+        axes[1].set_title("discriminator loss")
+    else:
+        axes[1].plot(epochs, col("loss_f"), label="L_F (with Wake-Sleep: sleep prediction)")
+        axes[1].set_title("inference loss")
     axes[2].plot(epochs, col("loss_g"), label="L_G")
     axes[2].set_title("generator loss")
     if any(col("loss_r")):
@@ -93,7 +102,8 @@ def plot_curves(history, path):
         axes[3].set_title("sample quality (classifier fd, lower is better)")
     for ax in axes:
         ax.set_xlabel("epoch")
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
     write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=110))

@@ -101,3 +101,22 @@ def test_python_train_py_alone_with_fewer_epochs_draws_and_summarizes(tmp_path, 
     out = capsys.readouterr().out
     assert (tmp_path / "samples.png").exists() and f"samples     {tmp_path / 'samples.png'}" in out
     assert "generate_and_save_imgs.py --path" in out
+
+
+def test_the_curves_of_a_run_without_a_discriminator_show_the_inference_loss(tmp_path, monkeypatch):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    plotted = {}
+    real = plt.subplots
+
+    def keep_axes(*args, **kwargs):
+        fig, axes = real(*args, **kwargs)
+        plotted["axes"] = axes
+        return fig, axes
+
+    monkeypatch.setattr(plt, "subplots", keep_axes)
+    rows = [{"epoch": e, "loss_d": 0, "loss_f": 2.0 / e, "loss_g": 1, "loss_r": 0, "d_wake": 0, "d_sleep": 0}
+            for e in (1, 2)]
+    assert monitor.plot_curves(rows, str(tmp_path / "curves.png"))
+    scores, losses = plotted["axes"][:2]
+    assert not scores.lines and losses.get_title() == "inference loss"
+    assert list(losses.lines[0].get_ydata()) == [2.0, 1.0]
