@@ -313,3 +313,26 @@ def make_batches(dataset, root, image_size, batch_size, device, train=True, work
 
 def num_images(batches):
     return len(batches.images) if isinstance(batches, TensorBatches) else len(batches.dataset)
+
+
+def split_images(dataset, root, image_size, train, n, seed):
+    """Up to n images of a split in [-1, 1] on the CPU: a seeded draw (image folders: the first n)."""
+    if dataset in IN_MEMORY:
+        return seeded_draw(load_in_memory(dataset, root, image_size, train)[0], n, seed)
+    batches = make_batches(dataset, root, image_size, 256, "cpu", train=train, workers=0, shuffle=False, min_batch=1)
+    taken, count = [], 0
+    for x, _ in batches:
+        if x is not None:
+            taken.append(x)
+            count += len(x)
+        if count >= n:
+            break
+    if not taken:
+        raise DataError(f"{root}: no readable images in the {'train' if train else 'test'} split")
+    return torch.cat(taken)[:n]
+
+
+def seeded_draw(images, n, seed):
+    """n of a dataset's uint8 images (all, if fewer), drawn by a permutation seeded with seed, in [-1, 1]."""
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+    return to_unit_range(images[order.to(images.device)]).cpu()

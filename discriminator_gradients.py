@@ -26,6 +26,7 @@ import platform
 import torch
 
 from models import _centered_and_std
+from utils import isolated_rng
 
 
 def _std_and_its_gradient(flat):
@@ -74,8 +75,7 @@ def agrees_with_autograd(D, state_shapes, samples=4, rtol=1e-6):
     float64 on a CPU copy of D, where the two agree to ~1e-12, so an edit stands out at once; with
     its own seeded random numbers, so the caller's stream (and so exact resume) is untouched."""
     D = copy.deepcopy(D).to("cpu", torch.float64)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    with isolated_rng(0):
         states = [torch.randn(samples, *shape, dtype=torch.float64) for shape in state_shapes]
         weights = torch.randn(samples, dtype=torch.float64)
 

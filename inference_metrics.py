@@ -16,8 +16,8 @@ import torch
 
 import fid
 from data import to_unit_range
-from neuromodulation import training_mode
 from sample_quality import features_and_probabilities
+from step import training_mode
 
 KS = (5, 4, 3, 2, 1)  # the layer a reconstruction starts from: 5 is the whole hierarchy
 N_LAYERS = 6  # h0 (the image) .. h5

@@ -28,9 +28,8 @@ from torchvision.utils import make_grid
 import inference_metrics as im
 from checkpoint import add_architecture_flags, add_checkpoint_flags, dataset_of, load_networks, resolve_checkpoint_path
 from data import DataMissing, make_batches
-from neuromodulation import _pyplot, _save
 from sample_quality import DATASETS_MEASURED, QualityMeasure
-from utils import UserError, pick_device, run_main, save_grid, to_unit_interval, write_json
+from utils import UserError, pick_device, pyplot, run_main, save_grid, to_unit_interval, write_figure, write_json
 
 FIGURE_COLUMNS = 10  # test images shown in reconstructions.png
 
@@ -128,7 +127,7 @@ def save_figure(nets, images, device, path):
     """Rows: FIGURE_COLUMNS test images, then their reconstructions from k = 5, 4, 3, 2, 1."""
     x = torch.cat(images)[:FIGURE_COLUMNS].to(device)
     rows = [x] + [im.reconstructions(nets, x, k) for k in im.KS]
-    plt = _pyplot()
+    plt = pyplot("the figures")
     if plt is None:
         save_grid(torch.cat(rows), path, nrow=len(x))
         print(f"figure (rows: inputs, k = {', '.join(map(str, im.KS))}): {path}")
@@ -141,7 +140,7 @@ def save_figure(nets, images, device, path):
     ax.set_xticks([])
     ax.set_title("reconstructions: F up to h_k, G down to the image (eval mode)", fontsize=9)
     fig.tight_layout()
-    _save(fig, plt, path)
+    write_figure(fig, plt, path)
 
 
 def _interval(r, key="mean", digits=3):

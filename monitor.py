@@ -8,7 +8,7 @@ import os
 import sys
 
 from sample_quality import DATASETS_MEASURED
-from utils import WriteError, save_grid, to_unit_interval, write_atomically
+from utils import WriteError, pyplot, save_grid, to_unit_interval, write_figure
 
 GRID_NAME, CURVES_NAME = "samples.png", "curves.png"
 
@@ -63,14 +63,9 @@ class TensorBoard:
 def plot_curves(history, path):
     """The wake and sleep scores and the losses per epoch (history: metrics.csv's rows) as a PNG.
     Returns False, having said how to get it, when matplotlib is not installed."""
-    try:
-        import matplotlib
-    except ImportError:
-        print(f"note: pip install matplotlib for a figure of the curves ({os.path.basename(path)})", file=sys.stderr)
+    plt = pyplot(f"a figure of the curves ({os.path.basename(path)})")
+    if plt is None:
         return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     epochs = [int(r["epoch"]) for r in history]
     col = lambda k: [float(r[k]) for r in history]  # noqa: E731
     measured = [r for r in history if r.get("fd") not in (None, "")]  # --quality-every's epochs
@@ -79,7 +74,7 @@ def plot_curves(history, path):
     if has_d:
         axes[0].plot(epochs, col("d_wake"), label="D(wake)")
         axes[0].plot(epochs, col("d_sleep"), label="D(sleep)")
-        if all(r.get("signal_heldout") not in (None, "") for r in history):  # neuromodulation.NoveltyGap's
+        if all(r.get("signal_heldout") not in (None, "") for r in history):  # recording.NoveltyGap's
             axes[0].plot(epochs, col("signal_train"), "--", label="D(wake), fixed training images")
             axes[0].plot(epochs, col("signal_heldout"), "--", label="D(wake), fixed held-out images")
         axes[0].set_title("wake/sleep discriminator scores")
@@ -106,8 +101,7 @@ def plot_curves(history, path):
             ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=110))
-    plt.close(fig)
+    write_figure(fig, plt, path, say=False)
     return True
 
 

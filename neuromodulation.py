@@ -7,14 +7,9 @@ the protocols by which cholinergic and novelty responses are studied (docs/neuro
 
 The paper maps D's score of the network's state onto a neuromodulator (#1, putatively
 acetylcholine): high in wake, pushed down in sleep, and projected back to gate the plasticity of
-the feedforward (inference) connections. For each input this records
-  signal  D's score of the wake state F infers from it;
-  gate    the L1 size, per sample, of the gradient D sends back to each of F's layers h1..h5 (what
-          F's weights learn from; F's loss scales it by gamma / batch), and
-  weight  the generator's per-sample weight 2 sigmoid(-signal) (--scale-gen-surprisal-by-D),
-by the training step's own code (losses.d_terms, either --d-gradients path) with the networks in
-training mode, as the step runs them. D's minibatch-std feature couples the samples of a batch, so
-every condition is scored in batches of its own, all of one size (-b), and with its own seed.
+the feedforward (inference) connections. recording.py records each input's signal, gate and weight
+by the training step's own code; every condition here is scored in batches of its own, all of one
+size (-b), and with its own seed.
 
 Experiments: wake-sleep (wake states of training images against sleep states dreamed by G);
 novelty (familiar training images, novel test images, and out-of-distribution inputs); and
@@ -25,7 +20,6 @@ scored batches), appends one JSON line per condition to --json, and with matplot
 into --out.
 """
 import argparse
-import contextlib
 import datetime
 import os
 import sys
@@ -36,13 +30,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import losses
+import train
 from checkpoint import add_checkpoint_flags, dataset_of, load_networks, resolve_checkpoint_path
-from data import DATASETS, IN_MEMORY, DataError, TensorBatches, channels_of, load_in_memory, make_batches, \
-    to_unit_range
+from data import DATASETS, channels_of, split_images
 from losses import StepConfig
-from step import NonFiniteError, check_d_gradients, make_optimizers, statistics_kept, training_step
-from utils import UserError, append_jsonl, pick_device, run_main, write_atomically, write_json
+from recording import record_dreams, record_images
+from step import NonFiniteError, check_d_gradients, make_optimizers, training_step
+from utils import UserError, append_jsonl, pick_device, pyplot, run_main, write_figure, write_json
 
 EXPERIMENTS = ("wake-sleep", "novelty", "familiarization")
 N_LAYERS = 5  # F's layers h1..h5, the ones D's gradient teaches
@@ -93,67 +87,6 @@ def check_args(args, parser):
         problems.append(f"--json {args.json}: its folder does not exist")
     if problems:
         parser.error("; ".join(problems))
-
-
-# --- Recording: one batch of states -> signal, gate, weight ---------------------------------------
-
-@dataclass
-class Recording:
-    signal: torch.Tensor  # (N,) D's score of the state
-    gate: torch.Tensor  # (N, 5) L1 size of d sum_b D / d h_l for l = 1..5, per sample
-    weight: torch.Tensor  # (N,) 2 sigmoid(-signal)
-
-    @staticmethod
-    def cat(recordings):
-        return Recording(*(torch.cat([getattr(r, k) for r in recordings]) for k in ("signal", "gate", "weight")))
-
-    def numpy(self):
-        return {"signal": self.signal.numpy(), "gate": self.gate.sum(dim=1).numpy(), "weight": self.weight.numpy()}
-
-
-@contextlib.contextmanager
-def training_mode(nets):
-    """The networks as the training step runs them (BatchNorm on batch statistics, G's noise on),
-    with every buffer (BatchNorm's running statistics, spectral-norm estimates) left as it was."""
-    was = nets.training
-    nets.train()
-    with statistics_kept(nets):
-        yield
-    nets.train(was)
-
-
-def score_states(D, states, hp: StepConfig):
-    """Record one batch of states (h0..h5) by the step's D path (losses.d_terms, hp.d_gradients)."""
-    autocast = torch.autocast(states[0].device.type, dtype=torch.bfloat16, enabled=hp.amp)
-    with autocast:
-        score, grads, _ = losses.d_terms(D, losses.as_data(states, torch.float32), hp, graph=False)
-    score = score.detach().float()
-    gate = torch.stack([g.detach().float().flatten(1).abs().sum(dim=1) for g in grads[1:]], dim=1)
-    return Recording(score.cpu(), gate.cpu(), losses.surprisal_weights(score).cpu())
-
-
-def record_passes(nets, hp, network, inputs):
-    """Score the state `network` (nets.inference or nets.generator) makes of each batch of inputs,
-    each batch as one (score_states), the networks in training mode."""
-    out = []
-    with training_mode(nets):
-        for x in inputs:
-            with torch.no_grad():
-                states = network(x)
-            out.append(score_states(nets.discriminator, states, hp))
-    return Recording.cat(out)
-
-
-def record_images(nets, hp, images, batch_size):
-    """Wake states of images in [-1, 1], scored batch by batch (one size; a remainder is dropped)."""
-    n = len(images) // batch_size * batch_size
-    return record_passes(nets, hp, nets.inference, images[:n].split(batch_size))
-
-
-def record_dreams(nets, hp, n, batch_size, device):
-    """Sleep states G dreams from z ~ N(0, 1), scored as record_images scores wake states."""
-    z = (torch.randn(batch_size, nets.cfg.noise_dim, 1, 1, device=device) for _ in range(n // batch_size))
-    return record_passes(nets, hp, nets.generator, z)  # each z drawn just before its pass, as before
 
 
 def condition_seed(seed, name):
@@ -211,29 +144,6 @@ def summary(values):
 
 # --- Inputs -----------------------------------------------------------------------------------------
 
-def split_images(dataset, root, image_size, train, n, seed):
-    """Up to n images of a split in [-1, 1] on the CPU: a seeded draw (image folders: the first n)."""
-    if dataset in IN_MEMORY:
-        return seeded_draw(load_in_memory(dataset, root, image_size, train)[0], n, seed)
-    batches = make_batches(dataset, root, image_size, 256, "cpu", train=train, workers=0, shuffle=False, min_batch=1)
-    taken, count = [], 0
-    for x, _ in batches:
-        if x is not None:
-            taken.append(x)
-            count += len(x)
-        if count >= n:
-            break
-    if not taken:
-        raise DataError(f"{root}: no readable images in the {'train' if train else 'test'} split")
-    return torch.cat(taken)[:n]
-
-
-def seeded_draw(images, n, seed):
-    """n of a dataset's uint8 images (all, if fewer), drawn by a permutation seeded with seed, in [-1, 1]."""
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
-    return to_unit_range(images[order.to(images.device)]).cpu()
-
-
 def with_channels(images, channels):
     """images with the model's channels: (images, None), or converted and a phrase saying how."""
     if images.size(1) == channels:
@@ -251,43 +161,6 @@ def pixel_shuffled(images, seed):
     flat = images.flatten(2)
     order = torch.stack([torch.randperm(flat.size(2), generator=gen) for _ in range(len(images))])
     return flat.gather(2, order.unsqueeze(1).expand_as(flat)).view_as(images)
-
-
-class NoveltyGap:
-    """The mean signal on a fixed batch of training images and on one of held-out images, which the
-    training loop records every epoch: the novelty gap as it forms. Its own seeded random numbers and
-    kept buffers, so that the run's steps, and exact resume, are as without it."""
-
-    SIZE = 64
-
-    def __init__(self, familiar, heldout, device):
-        n = min(len(familiar), len(heldout))  # one batch size for both (D's minibatch std)
-        self.familiar, self.heldout, self.device = familiar[:n].to(device), heldout[:n].to(device), device
-
-    @classmethod
-    def of_run(cls, batches, dataset, root, image_size, batch_size, device):
-        """For a run's training batches and data; None (said once) where there is no held-out split to
-        compare with. Digits, MNIST and CIFAR-10 only (their batches hold every training image, which are
-        drawn from there rather than read again): listing an image folder (all of ImageNet's files) is not
-        worth it."""
-        if not isinstance(batches, TensorBatches):
-            return None
-        n = min(cls.SIZE, batch_size)
-        try:
-            familiar = seeded_draw(batches.images, n, seed=1)  # what split_images(..., True, n, 1) would read
-            heldout = split_images(dataset, root, image_size, False, n, seed=1)
-        except DataError as e:
-            print(f"note: the novelty gap (signal_train, signal_heldout in metrics.csv) is not recorded: {e}",
-                  file=sys.stderr)
-            return None
-        return cls(familiar, heldout, device) if min(len(familiar), len(heldout)) >= 2 else None
-
-    def __call__(self, nets, hp):
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(0)
-            train = record_images(nets, hp, self.familiar, len(self.familiar)).signal.mean().item()
-            heldout = record_images(nets, hp, self.heldout, len(self.heldout)).signal.mean().item()
-        return {"signal_train": train, "signal_heldout": heldout}
 
 
 # --- The three experiments --------------------------------------------------------------------------
@@ -489,27 +362,10 @@ def print_familiarization(effects):
         print(line)
 
 
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        print("note: pip install matplotlib for the figures", file=sys.stderr)
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _save(fig, plt, path):
-    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=110))
-    plt.close(fig)
-    print(f"figure: {path}")
-
-
 def plot_conditions(title, conditions, path):
     """The signal and the gate of every condition, as box plots (the gate on a log axis: out-of-
     distribution inputs move it by orders of magnitude, familiar against novel by a few per cent)."""
-    plt = _pyplot()
+    plt = pyplot("the figures")
     if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 1.2 + 0.5 * len(conditions)), sharey=True)
@@ -528,13 +384,13 @@ def plot_conditions(title, conditions, path):
     axes[0].invert_yaxis()
     fig.suptitle(f"{title} (boxes: quartiles; whiskers: 1st and 99th percentiles)")
     fig.tight_layout()
-    _save(fig, plt, path)
+    write_figure(fig, plt, path)
 
 
 def plot_familiarization(stream: Stream, path):
     """The signal and the gate of every presentation: the repeated set's mean and spread per step,
     and each novel insertion."""
-    plt = _pyplot()
+    plt = pyplot("the figures")
     if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
@@ -552,7 +408,7 @@ def plot_familiarization(stream: Stream, path):
     axes[0].legend(fontsize=7)
     fig.suptitle("familiarization: training on a repeated set")
     fig.tight_layout()
-    _save(fig, plt, path)
+    write_figure(fig, plt, path)
 
 
 # --- The script -------------------------------------------------------------------------------------
@@ -570,7 +426,7 @@ def setup(args):
     if channels_of(dataset) != nets.cfg.channels:
         raise UserError(f"{path} holds a model of {nets.cfg.channels}-channel images; --dataset {dataset} has "
                         f"{channels_of(dataset)}")
-    import train  # the run's flags: the checkpoint's, over train.py's defaults for any it predates
+    # the run's flags: the checkpoint's, over train.py's defaults for any it predates
     run_flags = train.get_parser().parse_args([])
     vars(run_flags).update({k: v for k, v in config.items() if k in vars(run_flags)})
     nets.train()

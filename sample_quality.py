@@ -39,7 +39,7 @@ from PIL import Image
 
 import fid
 from data import DATASETS, DataError, channels_of, load_in_memory, to_unit_range
-from utils import UserError, WriteError, serialized, write_atomically
+from utils import UserError, WriteError, isolated_rng, serialized, write_atomically
 
 # Of the classifier, its training and what its cache holds; a cache of another version is retrained. 2: the
 # cache holds the test split's features (precision, recall and kid need them), not only their mean and covariance.
@@ -71,8 +71,7 @@ class DigitClassifier(nn.Module):
 def fit(images, labels, seed=0, epochs=4, batch_size=128, lr=1e-3):
     """A DigitClassifier trained on uint8 images (N, C, S, S) with int labels, on the CPU, seeded."""
     g = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with isolated_rng(seed):
         net = DigitClassifier(images.shape[1], images.shape[-1], classes=int(labels.max()) + 1)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     x = to_unit_range(images)

@@ -81,6 +81,18 @@ def statistics_kept(module):
             b.copy_(k)
 
 
+@contextlib.contextmanager
+def training_mode(nets):
+    """The networks as the training step runs them (BatchNorm on batch statistics, G's noise on),
+    for measurements that must see what a step sees, with every buffer (BatchNorm's running
+    statistics, spectral-norm estimates) left as it was."""
+    was = nets.training
+    nets.train()
+    with statistics_kept(nets):
+        yield
+    nets.train(was)
+
+
 def training_step(nets, optimizers, x, hp: StepConfig, check_finite=True, average=None):
     """One step of Adversarial Wake-Sleep: gradients, clipping, a check that nothing is
     non-finite, and each network's Adam step, in the order of updates `hp.update_order`:

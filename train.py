@@ -36,7 +36,7 @@ from data import DATASETS, DataError, DataMissing, channels_of, make_batches, nu
 from losses import METRICS, StepConfig
 from metrics import format_probe, layer_features, linear_probe
 from models import ModelConfig, Networks
-from neuromodulation import NoveltyGap
+from recording import NoveltyGap
 from sample_quality import DATASETS_MEASURED, QualityMeasure
 from step import NonFiniteError, check_d_gradients, make_optimizers, training_step
 from utils import (RunLock, UserError, WriteError, add_bool_flag, add_release_flags, keep_freed_memory,

@@ -1,7 +1,9 @@
-"""What the scripts share: user errors, flags, the device, atomic file writes, the run lock and image grids.
+"""What the scripts share: user errors, flags, the device, seeded random numbers of their own, atomic file
+writes, the run lock, image grids and figures.
 
 The checkpoint format is checkpoint.py's."""
 import argparse
+import contextlib
 import csv
 import ctypes
 import errno
@@ -49,6 +51,17 @@ def pick_device(device="auto", gpu=None):
         # Every batch of a run has one shape: let cuDNN time its convolution kernels once and keep the fastest.
         torch.backends.cudnn.benchmark = True
     return torch.device(device)
+
+
+@contextlib.contextmanager
+def isolated_rng(seed):
+    """Random numbers of their own, seeded with seed, for a measurement taken amid training: the
+    caller's streams (the CPU's and every CUDA device's torch.manual_seed reseeds) go on after the
+    block as if it had not run, so a run's steps, and exact resume, are as without the measurement."""
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
 
 
 def keep_freed_memory():
@@ -223,6 +236,26 @@ def save_grid(images, path, nrow=10):
     buf = io.BytesIO()
     save_image(to_unit_interval(images), buf, nrow=nrow, format="png")
     write_atomically(path, lambda f: f.write(buf.getvalue()))
+
+
+def pyplot(purpose):
+    """matplotlib's pyplot drawing into files only, or None, said once, where it is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"note: pip install matplotlib for {purpose}", file=sys.stderr)
+        return None
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def write_figure(fig, plt, path, say=True):
+    """fig as a PNG at path (atomically), then closed."""
+    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+    if say:
+        print(f"figure: {path}")
 
 
 def write_metrics_csv(path, history):

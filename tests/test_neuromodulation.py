@@ -3,14 +3,17 @@ effect sizes against hand-computed values, and its promises (own batches, seeds,
 import dataclasses
 import hashlib
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 import neuromodulation as nm
+import recording
 import train
-from conftest import TINY, write_cifar10
+from conftest import ROOT, TINY, write_cifar10
 from losses import StepConfig, step_losses
 from models import ModelConfig, Networks
 
@@ -45,7 +48,7 @@ def test_the_signal_is_the_training_steps_score_of_the_wake_state(path):
     nets = _noiseless(Networks(ModelConfig(n_filters=4, noise_dim=6, divisive_normalization=True)))
     hp = StepConfig(gamma=1.0, d_gradients=path)
     x = torch.rand(8, 1, 32, 32) * 2 - 1
-    recorded = nm.record_images(nets, hp, x, batch_size=8)
+    recorded = recording.record_images(nets, hp, x, batch_size=8)
     assert torch.allclose(recorded.signal.mean(), step_losses(nets, x, hp).out["d_wake"], atol=1e-6)
     nets.train()
     with torch.no_grad():
@@ -60,7 +63,7 @@ def test_the_gate_is_autograds_gradient_of_the_score_wrt_each_of_Fs_layers(path)
     nets.discriminator.sigma.fill_(0.3)  # D's noise on and large: both runs must draw the same
     states = [h.detach() for h in nets.inference(torch.rand(6, 1, 32, 32) * 2 - 1)]
     torch.manual_seed(1)
-    recorded = nm.score_states(nets.discriminator, states, StepConfig(d_gradients=path))
+    recorded = recording.score_states(nets.discriminator, states, StepConfig(d_gradients=path))
     torch.manual_seed(1)
     leaves = [h.clone().requires_grad_(True) for h in states]
     grads = torch.autograd.grad(nets.discriminator(leaves).sum(), leaves)
@@ -117,8 +120,8 @@ def test_familiarization_effects_by_hand():
 def test_each_condition_is_scored_in_batches_of_its_own(trained, mnist_root, tmp_path, monkeypatch):
     """Every scored batch has -b inputs, and a condition's records do not depend on what else is scored."""
     sizes = []
-    real = nm.score_states
-    monkeypatch.setattr(nm, "score_states", lambda D, states, hp: sizes.append(len(states[0])) or real(D, states, hp))
+    real = recording.score_states
+    monkeypatch.setattr(recording, "score_states", lambda D, states, hp: sizes.append(len(states[0])) or real(D, states, hp))
     alone, beside = tmp_path / "alone.jsonl", tmp_path / "beside.jsonl"
     assert nm.main(["--path", str(trained), "--experiments", "novelty", "--json", str(alone), *SMALL]) == 0
     assert set(sizes) == {8}
@@ -207,3 +210,10 @@ def test_the_novelty_gap_during_training_changes_nothing_the_run_computes(mnist_
     assert all(isinstance(r["signal_train"], float) and isinstance(r["signal_heldout"], float) for r in rows)
     assert "signal_train" not in without["history"][0]
     assert rows[0]["signal_train"] != rows[1]["signal_train"]  # D moved between the epochs
+
+
+def test_importing_train_does_not_import_the_experiments_script():
+    """What train.py records during training (the novelty gap) lives in recording.py: no import circle."""
+    check = "import sys, train; assert 'neuromodulation' not in sys.modules, 'train imports neuromodulation'"
+    done = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -18,6 +18,7 @@ from conftest import DEVICES, TINY, write_cifar10, write_mnist
 from losses import StepConfig
 from models import ModelConfig, Networks
 from step import NonFiniteError, check_d_gradients, make_optimizers, statistics_kept, training_step
+from utils import isolated_rng
 
 
 def _quiet_nets(readout, seed=0, dtype=torch.float32):
@@ -504,6 +505,17 @@ def test_the_check_leaves_the_random_stream_alone():
     after_check = torch.rand(3)
     torch.manual_seed(7)
     assert torch.equal(after_check, torch.rand(3))
+
+
+def test_isolated_rng_draws_its_seeds_numbers_and_leaves_the_callers_stream_alone():
+    torch.manual_seed(7)
+    with isolated_rng(3):
+        inside = torch.rand(3)
+    after = torch.rand(3)
+    torch.manual_seed(3)
+    assert torch.equal(inside, torch.rand(3))
+    torch.manual_seed(7)
+    assert torch.equal(after, torch.rand(3))
 
 
 def test_a_run_with_an_edited_discriminator_trains_with_autograd(monkeypatch, capsys, tmp_path):
