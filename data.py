@@ -316,20 +316,21 @@ def num_images(batches):
 
 
 def split_images(dataset, root, image_size, train, n, seed):
-    """Up to n images of a split in [-1, 1] on the CPU: a seeded draw (image folders: the first n)."""
+    """Up to n images of a split in [-1, 1] on the CPU, drawn by a permutation seeded with seed."""
     if dataset in IN_MEMORY:
         return seeded_draw(load_in_memory(dataset, root, image_size, train)[0], n, seed)
-    batches = make_batches(dataset, root, image_size, 256, "cpu", train=train, workers=0, shuffle=False, min_batch=1)
-    taken, count = [], 0
-    for x, _ in batches:
-        if x is not None:
-            taken.append(x)
-            count += len(x)
-        if count >= n:
+    # An image folder lists its images class by class: its first n would be its first classes only.
+    folder = make_batches(dataset, root, image_size, 1, "cpu", train=train, workers=0, shuffle=False).dataset
+    taken = []
+    for i in torch.randperm(len(folder), generator=torch.Generator().manual_seed(seed)).tolist():
+        item = folder[i]  # None for an unreadable image, which the folder has named
+        if item is not None:
+            taken.append(item[0])
+        if len(taken) == n:
             break
     if not taken:
         raise DataError(f"{root}: no readable images in the {'train' if train else 'test'} split")
-    return torch.cat(taken)[:n]
+    return torch.stack(taken)
 
 
 def seeded_draw(images, n, seed):

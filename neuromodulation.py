@@ -8,7 +8,8 @@ the protocols by which cholinergic and novelty responses are studied (docs/neuro
 The paper maps D's score of the network's state onto a neuromodulator (#1, putatively
 acetylcholine): high in wake, pushed down in sleep, and projected back to gate the plasticity of
 the feedforward (inference) connections. recording.py records each input's signal, gate and weight
-by the training step's own code; every condition here is scored in batches of its own, all of one
+by the training step's own code (the weight only for runs trained with --scale-gen-surprisal-by-D,
+the one place it acts); every condition here is scored in batches of its own, all of one
 size (-b), and with its own seed.
 
 Experiments: wake-sleep (wake states of training images against sleep states dreamed by G);
@@ -36,7 +37,8 @@ from data import DATASETS, channels_of, split_images
 from losses import StepConfig
 from recording import record_dreams, record_images
 from step import NonFiniteError, check_d_gradients, make_optimizers, training_step
-from utils import UserError, append_jsonl, pick_device, pyplot, run_main, write_figure, write_json
+from utils import UserError, append_jsonl, pick_device, pyplot, run_main, unwritable_folder, write_figure, \
+    write_json
 
 EXPERIMENTS = ("wake-sleep", "novelty", "familiarization")
 N_LAYERS = 5  # F's layers h1..h5, the ones D's gradient teaches
@@ -72,6 +74,8 @@ def get_parser():
 def check_args(args, parser):
     problems = [f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}"
                 for k in ("n_images", "repeats", "presentations", "bootstrap") if getattr(args, k) < 1]
+    if args.seed < 0:  # numpy's generators (the bootstrap) take no negative seed
+        problems.append(f"--seed must not be negative, got {args.seed}")
     if args.batch_size < 2:
         problems.append(f"-b must be at least 2 (BatchNorm and the minibatch std need two samples), got "
                         f"{args.batch_size}")
@@ -314,11 +318,14 @@ def familiarization_effects(stream: Stream, reps, seed):
 def condition_records(s: Setup, experiment, conditions, reference):
     """One record per condition; every condition but the reference compared with it."""
     ref = dict(conditions)[reference].numpy()
+    # The weight 2 sigmoid(-D) acts only in a run trained with --scale-gen-surprisal-by-D: elsewhere
+    # it is a number nothing uses, and is not recorded.
+    keys = ("signal", "gate", "weight") if s.run_flags.scale_gen_surprisal_by_D else ("signal", "gate")
     records = []
     for name, rec in conditions:
         values = rec.numpy()
         record = {"experiment": experiment, "condition": name, "n": len(rec.signal),
-                  **{k: summary(values[k]) for k in ("signal", "gate", "weight")},
+                  **{k: summary(values[k]) for k in keys},
                   "gate_by_layer": rec.gate.mean(dim=0).tolist()}
         if name != reference:
             record["against"] = reference
@@ -339,7 +346,7 @@ def print_conditions(title, records):
     print(f"{'condition':<36} {'n':>5}  {'signal':>16}  {'gate (L1, h1..h5)':>18}  {'weight':>13}  "
           f"{'AUROC signal':>22}  {'AUROC gate':>22}")
     for r in records:
-        cells = [f"{r[k]['mean']:.4g} ({r[k]['sd']:.2g})" for k in ("signal", "gate", "weight")]
+        cells = [f"{r[k]['mean']:.4g} ({r[k]['sd']:.2g})" if k in r else "unused" for k in ("signal", "gate", "weight")]
         comparison = r.get("comparison")
         aurocs = [f"{comparison[k]['auroc']:.3f} {_interval(comparison[k]['auroc_ci'])}" if comparison else "reference"
                   for k in ("signal", "gate")]
@@ -429,6 +436,9 @@ def setup(args):
     # the run's flags: the checkpoint's, over train.py's defaults for any it predates
     run_flags = train.get_parser().parse_args([])
     vars(run_flags).update({k: v for k, v in config.items() if k in vars(run_flags)})
+    if run_flags.gamma == 0:
+        raise UserError(f"{path} was trained with --gamma 0 (a WGAN-GP): its wake/sleep discriminator never "
+                        f"trained, so there is no neuromodulator to record; nothing was computed")
     nets.train()
     hp = check_d_gradients(nets, StepConfig.from_args(run_flags))
     return Setup(args, nets, hp, run_flags, state, path, dataset, data, device)
@@ -437,7 +447,9 @@ def setup(args):
 def neuromodulation(args):
     s = setup(args)
     out = args.out or os.path.join(os.path.dirname(s.checkpoint), "neuromodulation")
-    os.makedirs(out, exist_ok=True)
+    problem = unwritable_folder(out)  # before the work, which a figure or records.json could not keep
+    if problem:
+        raise UserError(f"--out {out} cannot be written ({problem}); nothing was computed")
     common = {"checkpoint": os.path.abspath(s.checkpoint), "epoch": s.state.get("epoch"), "model": s.state["model"],
               "dataset": s.dataset, "data": os.path.abspath(s.data) if s.data else None,
               "d_gradients": s.hp.d_gradients, "batch_size": args.batch_size, "flags": vars(args),

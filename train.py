@@ -22,7 +22,6 @@ import os
 import random
 import signal
 import sys
-import tempfile
 import time
 
 import torch
@@ -40,8 +39,8 @@ from recording import NoveltyGap
 from sample_quality import DATASETS_MEASURED, QualityMeasure
 from step import NonFiniteError, check_d_gradients, make_optimizers, training_step
 from utils import (RunLock, UserError, WriteError, add_bool_flag, add_release_flags, keep_freed_memory,
-                   nonfinite_floats, note_release_flags, remove_stray_temporaries, save_grid, write_json,
-                   write_metrics_csv)
+                   nonfinite_floats, note_release_flags, remove_stray_temporaries, save_grid, unwritable_folder,
+                   write_json, write_metrics_csv)
 
 
 def get_parser():
@@ -391,12 +390,9 @@ class Run:
     def _claim_folder(self):
         """--out writable, locked for this run, cleared of a killed run's temporary files; config.json."""
         args = self.args
-        try:
-            os.makedirs(args.out, exist_ok=True)
-            with tempfile.TemporaryFile(dir=args.out):
-                pass
-        except OSError as e:
-            raise BadArgument(f"--out {args.out} cannot be written ({e.strerror})") from None
+        problem = unwritable_folder(args.out)
+        if problem:
+            raise BadArgument(f"--out {args.out} cannot be written ({problem})")
         self.lock = RunLock(args.out)  # held while this process lives
         stray = [os.path.join(d, n) for d in (args.out, os.path.join(args.out, "gen_images"))
                  for n in remove_stray_temporaries(d)]

@@ -152,6 +152,18 @@ def remove_stray_temporaries(folder):
     return names
 
 
+def unwritable_folder(folder):
+    """Why folder cannot be made (with its parents) or written to, or None where it can: a file is
+    made and removed in it, which no permission bit or read-only mount can fake."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
 class RunLock:
     """An advisory lock on a run folder, held while this process lives: the kernel drops it when the
     process ends, however it ends (a SIGKILL too), so a killed run never blocks the next one."""

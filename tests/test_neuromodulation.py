@@ -13,7 +13,8 @@ import torch
 import neuromodulation as nm
 import recording
 import train
-from conftest import ROOT, TINY, write_cifar10
+from conftest import ROOT, TINY, make_checkpoint, write_cifar10
+from data import split_images
 from losses import StepConfig, step_losses
 from models import ModelConfig, Networks
 
@@ -168,6 +169,47 @@ def test_bad_inputs_end_in_one_line(trained, tmp_path, capsys):
     assert "checkpoint" in _one_line_error(capsys, ["--path", str(tmp_path / "missing.pth.tar"), *SMALL])
     with pytest.raises(SystemExit):
         nm.main(["--path", str(trained), "-b", "1"])
+
+
+def test_a_run_whose_d_never_trained_an_unwritable_out_and_a_negative_seed_are_refused_before_any_work(
+        mnist_root, trained, tmp_path, capsys, monkeypatch):
+    scored = []
+    monkeypatch.setattr(nm, "record_images", lambda *a: scored.append(a))
+    gamma0 = make_checkpoint(tmp_path / "gamma0", "mnist", mnist_root, "--gamma", "0")
+    err = _one_line_error(capsys, ["--path", gamma0, *SMALL])
+    assert "--gamma 0" in err and "never trained" in err and "nothing was computed" in err
+    assert not (tmp_path / "gamma0" / "neuromodulation").exists()
+    (tmp_path / "a-file").write_text("")
+    err = _one_line_error(capsys, ["--path", str(trained), "--out", str(tmp_path / "a-file" / "out"), *SMALL])
+    assert "--out" in err and "cannot be written" in err
+    assert not scored
+    with pytest.raises(SystemExit) as exit_:
+        nm.main(["--path", str(trained), "--seed", "-1", *SMALL])
+    assert exit_.value.code == 2 and "--seed must not be negative" in capsys.readouterr().err
+
+
+def test_the_weight_is_recorded_only_for_runs_it_acted_in(mnist_root, trained, tmp_path):
+    """2 sigmoid(-D) weighs G's loss only under --scale-gen-surprisal-by-D; elsewhere nothing uses it."""
+    scaled = make_checkpoint(tmp_path / "scaled", "mnist", mnist_root, "--scale-gen-surprisal-by-D")
+    for path, want in ((trained, False), (scaled, True)):
+        out = tmp_path / f"{want}.jsonl"
+        assert nm.main(["--path", str(path), "--experiments", "wake-sleep", "--json", str(out), *SMALL]) == 0
+        assert all(("weight" in r) == want for r in _records(out))
+
+
+def test_an_image_folders_draw_is_seeded_not_its_first_images_in_class_order(tmp_path):
+    from PIL import Image
+    for k in range(20):  # image k is all 10 k; the first ten are class0's
+        folder = tmp_path / "val" / f"class{k // 10}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((32, 32, 3), 10 * k, np.uint8)).save(folder / f"{k}.png")
+
+    def drawn(seed):
+        x = split_images("folder", str(tmp_path), 32, False, 10, seed)
+        return sorted(round(float(v + 1) * 127.5 / 10) for v in x[:, 0, 0, 0])
+
+    assert drawn(0) == drawn(0) and drawn(0) != drawn(1)
+    assert drawn(0) != list(range(10)) and len(set(drawn(0))) == 10
 
 
 def test_ood_data_of_other_channels_is_converted_and_said(trained, tmp_path, capsys):
