@@ -161,6 +161,26 @@ def load_in_memory(dataset, root, image_size, train=True):
     return _resize(images, image_size), labels
 
 
+def class_labels(dataset, root):
+    """The labels a dataset's images carry, which --classes chooses from: 0 .. 9 for digits, MNIST and
+    CIFAR-10; an image folder's class index, its sub-folders of DATA/train in sorted order (ImageFolder's)."""
+    if dataset in IN_MEMORY:
+        return list(range(10))
+    try:
+        names, _ = datasets.folder.find_classes(os.path.join(root, "train"))
+    except (FileNotFoundError, NotADirectoryError) as e:
+        raise DataMissing(f"no class folders in {os.path.join(root, 'train')}: {e}") from None
+    return list(range(len(names)))
+
+
+def of_classes(images, labels, classes):
+    """The images (and labels) whose label is one of classes; all of them where classes is None."""
+    if classes is None:
+        return images, labels
+    keep = torch.isin(labels, torch.tensor(classes, dtype=labels.dtype))
+    return images[keep], labels[keep]
+
+
 def _shards(n_or_dataset, rank, world_size, shuffle):
     """Process `rank`'s shard of every epoch. DistributedSampler deals out one permutation of all the
     images in turn, so at every step the processes' batches together are the one process's batch;
@@ -255,7 +275,7 @@ class FolderBatches:
     together."""
 
     def __init__(self, root, image_size, batch_size, device, workers=4, shuffle=True, min_batch=2, rank=0,
-                 world_size=1):
+                 world_size=1, classes=None):
         if not os.path.isdir(root):
             raise DataMissing(f"image folder {root} does not exist (expected one sub-folder per class)")
         tf = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size),
@@ -264,6 +284,9 @@ class FolderBatches:
             self.dataset = _ReadableImages(root, tf)
         except (FileNotFoundError, RuntimeError) as e:
             raise DataMissing(f"no images in {root}: {e}") from None
+        if classes is not None:  # the images of the classes chosen; their labels stay the folder's class index
+            self.dataset.samples = self.dataset.imgs = [s for s in self.dataset.samples if s[1] in classes]
+            self.dataset.targets = [label for _, label in self.dataset.samples]
         self.device, self.shuffle = device, shuffle
         self.may_skip = world_size > 1
         self.sampler = _shards(self.dataset, rank, world_size, shuffle)
@@ -298,16 +321,18 @@ class FolderBatches:
 
 
 def make_batches(dataset, root, image_size, batch_size, device, train=True, workers=4, shuffle=True,
-                 min_batch=2, rank=0, world_size=1):
-    """Batches of the train (or test) split; a DataError says what is missing. An epoch's last
-    batch is kept if it holds min_batch images or more (training needs two, evaluation one). With
-    several processes, `batch_size` is this process's share and the batches are its shard (rank of world_size)."""
+                 min_batch=2, rank=0, world_size=1, classes=None):
+    """Batches of the train (or test) split, of the images whose label is in classes (None: all); a
+    DataError says what is missing. An epoch's last batch is kept if it holds min_batch images or more
+    (training needs two, evaluation one). With several processes, `batch_size` is this process's share
+    and the batches are its shard (rank of world_size)."""
     if dataset in IN_MEMORY:
-        images, labels = load_in_memory(dataset, root, image_size, train)
+        images, labels = of_classes(*load_in_memory(dataset, root, image_size, train), classes)
         return TensorBatches(images, labels, batch_size, device, shuffle, min_batch, rank, world_size)
     if dataset in FOLDERS:
         sub = os.path.join(root, "train" if train else "val")
-        return FolderBatches(sub, image_size, batch_size, device, workers, shuffle, min_batch, rank, world_size)
+        return FolderBatches(sub, image_size, batch_size, device, workers, shuffle, min_batch, rank, world_size,
+                             classes)
     raise ValueError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
 
 
@@ -315,12 +340,14 @@ def num_images(batches):
     return len(batches.images) if isinstance(batches, TensorBatches) else len(batches.dataset)
 
 
-def split_images(dataset, root, image_size, train, n, seed):
-    """Up to n images of a split in [-1, 1] on the CPU, drawn by a permutation seeded with seed."""
+def split_images(dataset, root, image_size, train, n, seed, classes=None):
+    """Up to n images of a split (of the classes given, None: all) in [-1, 1] on the CPU, drawn by a
+    permutation seeded with seed."""
     if dataset in IN_MEMORY:
-        return seeded_draw(load_in_memory(dataset, root, image_size, train)[0], n, seed)
+        return seeded_draw(of_classes(*load_in_memory(dataset, root, image_size, train), classes)[0], n, seed)
     # An image folder lists its images class by class: its first n would be its first classes only.
-    folder = make_batches(dataset, root, image_size, 1, "cpu", train=train, workers=0, shuffle=False).dataset
+    folder = make_batches(dataset, root, image_size, 1, "cpu", train=train, workers=0, shuffle=False,
+                          classes=classes).dataset
     taken = []
     for i in torch.randperm(len(folder), generator=torch.Generator().manual_seed(seed)).tolist():
         item = folder[i]  # None for an unreadable image, which the folder has named

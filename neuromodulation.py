@@ -182,8 +182,11 @@ class Setup:
     device: torch.device
 
     def images(self, train, n, name):
-        seed = condition_seed(self.args.seed, name)
-        return split_images(self.dataset, self.data, self.nets.cfg.image_size, train, n, seed).to(self.device)
+        """n images of the run's classes (train.py --classes) of a split of the dataset, seeded by name."""
+        seed, classes = condition_seed(self.args.seed, name), self.run_flags.classes
+        if self.dataset != self.run_flags.dataset:  # another dataset's labels are not the run's
+            classes = None
+        return split_images(self.dataset, self.data, self.nets.cfg.image_size, train, n, seed, classes).to(self.device)
 
     def record(self, name, images):
         if len(images) < self.args.batch_size:

@@ -83,17 +83,17 @@ class NoveltyGap:
         self.familiar, self.heldout, self.device = familiar[:n].to(device), heldout[:n].to(device), device
 
     @classmethod
-    def of_run(cls, batches, dataset, root, image_size, batch_size, device):
-        """For a run's training batches and data; None (said once) where there is no held-out split to
-        compare with. Digits, MNIST and CIFAR-10 only (their batches hold every training image, which are
-        drawn from there rather than read again): listing an image folder (all of ImageNet's files) is not
-        worth it."""
+    def of_run(cls, batches, dataset, root, image_size, batch_size, device, classes=None):
+        """For a run's training batches and data (of its --classes); None (said once) where there is no
+        held-out split to compare with. Digits, MNIST and CIFAR-10 only (their batches hold every
+        training image, which are drawn from there rather than read again): listing an image folder
+        (all of ImageNet's files) is not worth it."""
         if not isinstance(batches, TensorBatches):
             return None
         n = min(cls.SIZE, batch_size)
         try:
             familiar = seeded_draw(batches.images, n, seed=1)  # what split_images(..., True, n, 1) would read
-            heldout = split_images(dataset, root, image_size, False, n, seed=1)
+            heldout = split_images(dataset, root, image_size, False, n, seed=1, classes=classes)
         except DataError as e:
             print(f"note: the novelty gap (signal_train, signal_heldout in metrics.csv) is not recorded: {e}",
                   file=sys.stderr)

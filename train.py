@@ -31,7 +31,7 @@ import distributed
 import monitor
 from checkpoint import CHECKPOINT_NAME, CheckpointError, check_architecture, checkpoint_state, load_checkpoint, \
     save_checkpoint
-from data import DATASETS, DataError, DataMissing, channels_of, make_batches, num_images
+from data import DATASETS, DataError, DataMissing, channels_of, class_labels, make_batches, num_images
 from losses import METRICS, StepConfig
 from metrics import format_probe, layer_features, linear_probe
 from models import ModelConfig, Networks
@@ -68,6 +68,9 @@ def _data_and_model_flags(p):
     g.add_argument("--dataset", default="digits", choices=DATASETS,
                    help="digits: scikit-learn's bundled digits, no download; folder/imagenet/lfw: DATA/train")
     g.add_argument("--image-size", type=int, default=32, help="image side S, a multiple of 16, at least 32")
+    g.add_argument("--classes", type=int, nargs="+", default=None, metavar="LABEL",
+                   help="train (and evaluate) on the images of these labels only, e.g. 0 1 2 3 4: the others stay "
+                        "novel classes (an image folder's label: its sub-folder's index in sorted order)")
     g.add_argument("-j", "--workers", type=int, default=4, help="data-loading processes (image folders only)")
     g = p.add_argument_group("model")
     g.add_argument("--n-filters", type=int, default=64, help="channels of Layer1 (doubling up to Layer4)")
@@ -291,11 +294,22 @@ class Interrupt:
               f"(interrupt again to exit at once)", file=sys.stderr)
 
 
+def check_classes(args):
+    """--classes among the dataset's labels (an image folder's need its folder: checked with the data)."""
+    if args.classes is None:
+        return
+    labels = class_labels(args.dataset, args.data)
+    lacking = [c for c in args.classes if c not in labels]
+    if lacking:
+        raise BadArgument(f"--classes {' '.join(map(str, lacking))}: {args.dataset} has the labels "
+                          f"{labels[0]} .. {labels[-1]}")
+
+
 def run_probe(nets, args, device):
     """Linear decoding of the labels from each layer on the test split (k-fold)."""
     try:
         batches = make_batches(args.dataset, args.data, args.image_size, 512, device, train=False,
-                               workers=args.workers, shuffle=False, min_batch=1)
+                               workers=args.workers, shuffle=False, min_batch=1, classes=args.classes)
     except DataError as e:
         print(f"skipping the decoding probe: {e}")
         return None
@@ -336,8 +350,9 @@ class Run:
         # D's signal on fixed training and held-out images each epoch (gamma 0 trains no D to ask,
         # wake-sleep builds none).
         no_d = self.hp.gamma == 0 or self.nets.discriminator is None
-        self.novelty_gap = None if no_d else NoveltyGap.of_run(
-            self.batches, args.dataset, args.data, args.image_size, args.batch_size // group.world_size, self.device)
+        self.novelty_gap = None if no_d else NoveltyGap.of_run(self.batches, args.dataset, args.data, args.image_size,
+                                                               args.batch_size // group.world_size, self.device,
+                                                               args.classes)
         self.board = monitor.TensorBoard(args.out, enabled=group.is_main)
         # A fixed noise, so that the sample grids of successive epochs are comparable.
         self.fixed_z = torch.randn(100, self.cfg.noise_dim, 1, 1,
@@ -377,9 +392,10 @@ class Run:
         # The last checks of the arguments need the data and the file system; nothing is written before them.
         args, group = self.args, self.group
         try:
+            check_classes(args)
             batches = make_batches(args.dataset, args.data, args.image_size, args.batch_size // group.world_size,
                                    self.device, train=True, workers=args.workers, rank=group.rank,
-                                   world_size=group.world_size)
+                                   world_size=group.world_size, classes=args.classes)
         except DataMissing as e:
             raise BadArgument(f"--data {args.data}: {e}") from None
         if num_images(batches) < args.batch_size:  # one batch of all the images: more likely a slip than meant

@@ -348,6 +348,7 @@ def bad_arguments(tmp_path):
         (["--save-every", "-1"], "--save-every"), (["--skip-nonfinite", "-2"], "--skip-nonfinite"),
         (["--quality-every", "-1"], "--quality-every"),
         (["--dataset", "cifar10", "--quality-every", "2"], "--quality-every"),  # a digit classifier's measure
+        (["--classes", "0", "10"], "--classes 10: mnist has the labels 0 .. 9"), (["--classes", "-1"], "--classes -1"),
     ]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "--device cuda"))

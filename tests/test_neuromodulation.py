@@ -204,12 +204,13 @@ def test_an_image_folders_draw_is_seeded_not_its_first_images_in_class_order(tmp
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.full((32, 32, 3), 10 * k, np.uint8)).save(folder / f"{k}.png")
 
-    def drawn(seed):
-        x = split_images("folder", str(tmp_path), 32, False, 10, seed)
+    def drawn(seed, classes=None):
+        x = split_images("folder", str(tmp_path), 32, False, 10, seed, classes)
         return sorted(round(float(v + 1) * 127.5 / 10) for v in x[:, 0, 0, 0])
 
     assert drawn(0) == drawn(0) and drawn(0) != drawn(1)
     assert drawn(0) != list(range(10)) and len(set(drawn(0))) == 10
+    assert drawn(0, classes=[1]) == list(range(10, 20))  # train.py --classes 1: the second folder's images
 
 
 def test_ood_data_of_other_channels_is_converted_and_said(trained, tmp_path, capsys):

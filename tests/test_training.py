@@ -15,6 +15,7 @@ import models
 import step
 import train
 from conftest import DEVICES, TINY, write_cifar10, write_mnist
+from data import make_batches
 from losses import StepConfig
 from models import ModelConfig, Networks
 from step import NonFiniteError, check_d_gradients, make_optimizers, statistics_kept, training_step
@@ -505,6 +506,20 @@ def test_the_check_leaves_the_random_stream_alone():
     after_check = torch.rand(3)
     torch.manual_seed(7)
     assert torch.equal(after_check, torch.rand(3))
+
+
+def test_classes_trains_on_those_labels_only_and_the_checkpoint_records_them(mnist_root, tmp_path, monkeypatch):
+    for train_split in (True, False):
+        every = make_batches("mnist", mnist_root, 32, 8, "cpu", train=train_split)
+        some = make_batches("mnist", mnist_root, 32, 8, "cpu", train=train_split, classes=[0, 1])
+        seen = torch.cat([y for _, y in some])
+        assert set(seen.tolist()) == {0, 1} and len(seen) == int((every.labels < 2).sum())
+    made = []
+    monkeypatch.setattr(train, "make_batches", lambda *a, **k: made.append(make_batches(*a, **k)) or made[-1])
+    _run(TINY + ["--dataset", "mnist", "--data", mnist_root, "--classes", "0", "1", "-b", "4", "--epochs", "1",
+                 "--probe-folds", "0", "--device", "cpu", "--out", str(tmp_path)])
+    assert made and all(set(b.labels.tolist()) == {0, 1} for b in made)
+    assert torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)["config"]["classes"] == [0, 1]
 
 
 def test_isolated_rng_draws_its_seeds_numbers_and_leaves_the_callers_stream_alone():
