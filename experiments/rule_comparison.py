@@ -8,7 +8,8 @@ Each RUN is a train.py folder holding config.json and metrics.csv, and the outpu
     python measure_inference.py --path RUN --n 2000                      (inference/inference_measures.json)
     python SVM_classify_from_model.py --path RUN -b 512 --n-folds 5 --json RUN/probe.jsonl
     python generate_and_save_imgs.py --path RUN --n-images 2000 --classifier-fd --out RUN/samples2000
-Runs are grouped by (inference rule, gamma); a group of several seeds shows its mean and range.
+Runs are grouped by (inference rule, gamma); a group of several seeds shows its mean and range. A run
+folder of 0 steps (networks as a run starts them) is the untrained control.
 Where a gamma has both rules with at least two seeds each, the difference of their means is given
 with a Welch t-interval (the seed is the unit).
 """
@@ -62,7 +63,9 @@ def run_row(run):
     return row
 
 
-def setting(rule, gamma):
+def setting(rule, gamma, trained=True):
+    if not trained:  # the control: the networks as a run starts them, measured the same way
+        return f"untrained networks (gamma {gamma:g})"
     if gamma == 0:
         return "WGAN-GP (gamma 0)"
     name = "Adversarial Wake-Sleep" if rule == "adversarial" else "Wake-Sleep"
@@ -70,10 +73,11 @@ def setting(rule, gamma):
 
 
 def groups(rows):
-    """{(rule, gamma): [rows]}, ordered by gamma (pure first), adversarial before Wake-Sleep."""
+    """{(rule, gamma, trained): [rows]}, ordered by gamma (pure first), adversarial before Wake-Sleep,
+    untrained networks (a run folder of 0 steps) last."""
     keyed = {}
-    for r in sorted(rows, key=lambda r: (-r["gamma"], r["rule"], r["seed"])):
-        keyed.setdefault((r["rule"], r["gamma"]), []).append(r)
+    for r in sorted(rows, key=lambda r: (r["steps"] == 0, -r["gamma"], r["rule"], r["seed"])):
+        keyed.setdefault((r["rule"], r["gamma"], r["steps"] > 0), []).append(r)
     return keyed
 
 
@@ -107,8 +111,8 @@ def welch(a, b, level=0.95):
 def difference_rows(keyed, columns):
     """Adversarial minus Wake-Sleep, per gamma where each rule has at least two seeds."""
     lines = []
-    for gamma in sorted({g for _, g in keyed}, reverse=True):
-        adv, ws = keyed.get(("adversarial", gamma), []), keyed.get(("wake-sleep", gamma), [])
+    for gamma in sorted({g for _, g, _ in keyed}, reverse=True):
+        adv, ws = keyed.get(("adversarial", gamma, True), []), keyed.get(("wake-sleep", gamma, True), [])
         if len(adv) < 2 or len(ws) < 2:
             continue
         cells = []
@@ -126,19 +130,19 @@ def difference_rows(keyed, columns):
 def table(keyed, columns):
     head = "| setting | seeds, steps | " + " | ".join(title for _, title in columns) + " |"
     lines = [head, "|---|---|" + "---:|" * len(columns)]
-    for (rule, gamma), rows in keyed.items():
+    for (rule, gamma, trained), rows in keyed.items():
         steps = sorted({r["steps"] for r in rows})
-        lines.append(f"| {setting(rule, gamma)} | {len(rows)}, {'/'.join(map(str, steps))} | "
+        lines.append(f"| {setting(rule, gamma, trained)} | {len(rows)}, {'/'.join(map(str, steps))} | "
                      + " | ".join(cell(rows, key) for key, _ in columns) + " |")
     return "\n".join(lines + difference_rows(keyed, columns))
 
 
-BENCHMARK_SETTINGS = {("adversarial", 1.0): "mnist", ("wake-sleep", 1.0): "mnist-wake-sleep",
-                      ("adversarial", 0.9): "mnist-doubly", ("wake-sleep", 0.9): "mnist-doubly-wake-sleep"}
+BENCHMARK_SETTINGS = {("adversarial", 1.0, True): "mnist", ("wake-sleep", 1.0, True): "mnist-wake-sleep",
+                      ("adversarial", 0.9, True): "mnist-doubly", ("wake-sleep", 0.9, True): "mnist-doubly-wake-sleep"}
 
 
 def step_times(path):
-    """{(rule, gamma): ms per step} of tests/benchmark.py's default ("fast") step on the CPU."""
+    """{(rule, gamma, trained): ms per step} of tests/benchmark.py's default ("fast") step on the CPU."""
     report = _read_json(path)
     ms = {r["setting"]: r["ms_per_step"] for r in report["results"] if r["step"] == "fast" and r["device"] == "cpu"}
     return {key: ms[name] for key, name in BENCHMARK_SETTINGS.items() if name in ms}

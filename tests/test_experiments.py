@@ -154,9 +154,9 @@ def test_rule_comparison_groups_seeds_and_gives_the_welch_difference(tmp_path, c
     runs = [_fake_run(tmp_path / f"a{s}", "adversarial", s, fd, 1.0) for s, fd in enumerate([10.0, 12.0, 14.0])]
     runs += [_fake_run(tmp_path / f"w{s}", "wake-sleep", s, fd, 0.9) for s, fd in enumerate([20.0, 30.0])]
     keyed = rule_comparison.groups([rule_comparison.run_row(r) for r in runs])
-    assert list(keyed) == [("adversarial", 1.0), ("wake-sleep", 1.0)]
-    assert rule_comparison.cell(keyed[("adversarial", 1.0)], "fd") == "12.0 (10.0 - 14.0)"
-    assert keyed[("adversarial", 1.0)][0]["steps"] == 64
+    assert list(keyed) == [("adversarial", 1.0, True), ("wake-sleep", 1.0, True)]
+    assert rule_comparison.cell(keyed[("adversarial", 1.0, True)], "fd") == "12.0 (10.0 - 14.0)"
+    assert keyed[("adversarial", 1.0, True)][0]["steps"] == 64
     # Welch by hand: means 12 and 25; variances of the means 4 / 3 and 50 / 2; df from the formula.
     d, lo, hi = rule_comparison.welch([10, 12, 14], [20, 30])
     se = (4 / 3 + 25) ** 0.5
