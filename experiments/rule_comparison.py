@@ -154,6 +154,9 @@ def main(argv=None):
     p.add_argument("--benchmark", default=None, help="tests/benchmark.py --out JSON: the step time of each rule")
     p.add_argument("--json", default=None, help="write every run's row here")
     args = p.parse_args(argv)
+    not_runs = [r for r in args.runs if not os.path.isfile(os.path.join(r, "config.json"))]
+    if not_runs:
+        p.error(f"not train.py run folders (no config.json): {', '.join(not_runs)}")
     rows = [run_row(r) for r in args.runs]
     keyed = groups(rows)
     for title, columns in (("Samples (2,000, the digit classifier's features; fd and KID lower is better)", SAMPLES),
