@@ -77,16 +77,13 @@ def plot_curves(history, path):
         if all(r.get("signal_heldout") not in (None, "") for r in history):  # recording.NoveltyGap's
             axes[0].plot(epochs, col("signal_train"), "--", label="D(wake), fixed training images")
             axes[0].plot(epochs, col("signal_heldout"), "--", label="D(wake), fixed held-out images")
-        axes[0].set_title("wake/sleep discriminator scores")
-    else:  # no D scored a state: Wake-Sleep, or gamma 0
-        axes[0].text(0.5, 0.5, "no wake/sleep discriminator", ha="center", va="center", transform=axes[0].transAxes)
-        axes[0].set_title("wake/sleep discriminator scores")
-    if has_d:
         axes[1].plot(epochs, col("loss_d"), label="L_D (with penalties)")
         axes[1].set_title("discriminator loss")
-    else:
+    else:  # no D scored a state: Wake-Sleep, or gamma 0
+        axes[0].text(0.5, 0.5, "no wake/sleep discriminator", ha="center", va="center", transform=axes[0].transAxes)
         axes[1].plot(epochs, col("loss_f"), label="L_F (with Wake-Sleep: sleep prediction)")
         axes[1].set_title("inference loss")
+    axes[0].set_title("wake/sleep discriminator scores")
     axes[2].plot(epochs, col("loss_g"), label="L_G")
     axes[2].set_title("generator loss")
     if any(col("loss_r")):

@@ -383,8 +383,9 @@ class Run:
         # The fast D path holds only for the D it was written for: checked here, before the first step.
         say = print if group.is_main else lambda *a, **k: None
         self.hp = check_d_gradients(self.nets, StepConfig.from_args(args), say=say)
-        if unused_flags_note(args):
-            say(unused_flags_note(args), file=sys.stderr)
+        note = unused_flags_note(args)
+        if note:
+            say(note, file=sys.stderr)
         group.broadcast_(self.nets)  # equal already (same seed, same file); now equal to the bit on any hardware
         self.average = group.average if group.active else None
 

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import inference_metrics  # noqa: E402
 from checkpoint import load_networks, resolve_checkpoint_path  # noqa: E402
 from measure_inference import draw_batches  # noqa: E402
-from utils import to_unit_interval  # noqa: E402
+from utils import pyplot, to_unit_interval, write_figure  # noqa: E402
 
 
 def title(config):
@@ -51,9 +51,9 @@ def main():
     p.add_argument("runs", nargs="+", help="run folders written by train.py")
     p.add_argument("--out", default=os.path.join(HERE, "wake_sleep_rules.png"))
     args = p.parse_args()
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("the figure")
+    if plt is None:
+        return 1
     panels = [panel(r) for r in args.runs]
     fig, axes = plt.subplots(2, len(panels), figsize=(2.6 * len(panels), 5.6),
                              gridspec_kw={"height_ratios": [6, 3]}, squeeze=False)
@@ -66,9 +66,8 @@ def main():
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    fig.savefig(args.out, dpi=110)
-    print(f"wrote {args.out}")
+    write_figure(fig, plt, args.out)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
