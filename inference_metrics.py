@@ -17,6 +17,7 @@ import torch
 import fid
 from data import to_unit_range
 from sample_quality import features_and_probabilities
+from stats import mean_interval
 from step import training_mode
 
 KS = (5, 4, 3, 2, 1)  # the layer a reconstruction starts from: 5 is the whole hierarchy
@@ -59,26 +60,6 @@ def label_agreement(classifier, images, labels):
     gives it its label: numpy bool (N,). Quantized to 8 bits first, as sample_quality scores samples."""
     x = to_unit_range(fid.to_uint8(images.detach().cpu().float()))
     return features_and_probabilities(classifier, x)[1].argmax(1) == labels.cpu().numpy()
-
-
-def mean_interval(values, level=0.95):
-    """{"mean", "low", "high", "n"}: the mean of independent values with its t-interval."""
-    from scipy.stats import t
-    values = np.asarray(values, dtype=np.float64)
-    n, mean = len(values), float(values.mean())
-    half = float(t.ppf((1 + level) / 2, n - 1) * values.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
-    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
-
-
-def proportion_interval(flags, level=0.95):
-    """{"mean", "low", "high", "n"}: the fraction of independent True flags with its Wilson score
-    interval, which stays inside [0, 1] and is not empty at 0 or 1, as a t-interval would be."""
-    from scipy.stats import norm
-    flags = np.asarray(flags, dtype=bool)
-    n, p, z = len(flags), float(flags.mean()), float(norm.ppf((1 + level) / 2))
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return {"mean": p, "low": float(centre - half), "high": float(centre + half), "n": n}
 
 
 # --- States, as D sees them in training ---------------------------------------------------------------

@@ -29,6 +29,7 @@ import inference_metrics as im
 from checkpoint import add_architecture_flags, add_checkpoint_flags, dataset_of, load_networks, resolve_checkpoint_path
 from data import DataMissing, make_batches
 from sample_quality import DATASETS_MEASURED, QualityMeasure
+from stats import mean_interval, proportion_interval
 from utils import UserError, pick_device, pyplot, run_main, save_grid, to_unit_interval, write_figure, write_json
 
 FIGURE_COLUMNS = 10  # test images shown in reconstructions.png
@@ -112,14 +113,14 @@ def reconstruction_measures(nets, images, labels, classifier, device):
     """{k: {"mse": .., "label_agreement": ..}} and, with a classifier, its accuracy on the inputs."""
     on_device = [x.to(device) for x in images]
     errors = im.reconstruction_error(nets, on_device)
-    measures = {k: {"mse": im.mean_interval(e)} for k, e in errors.items()}
+    measures = {k: {"mse": mean_interval(e)} for k, e in errors.items()}
     inputs = None
     if classifier is not None:
         y = torch.cat(labels)
         for k in im.KS:
             agrees = im.label_agreement(classifier, torch.cat([im.reconstructions(nets, x, k) for x in on_device]), y)
-            measures[k]["label_agreement"] = im.proportion_interval(agrees)
-        inputs = im.proportion_interval(im.label_agreement(classifier, torch.cat(images), y))
+            measures[k]["label_agreement"] = proportion_interval(agrees)
+        inputs = proportion_interval(im.label_agreement(classifier, torch.cat(images), y))
     return measures, inputs
 
 

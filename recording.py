@@ -2,7 +2,10 @@
   signal  D's score of the wake state F infers from it;
   gate    the L1 size, per sample, of the gradient D sends back to each of F's layers h1..h5 (what
           F's weights learn from; F's loss scales it by gamma / batch), and
-  weight  the generator's per-sample weight 2 sigmoid(-signal) (--scale-gen-surprisal-by-D),
+  weight  the generator's per-sample weight 2 sigmoid(-signal) (--scale-gen-surprisal-by-D), and
+  surprisal  the input's generative surprisal under the model: G's prediction error of the state,
+          sum_k mean |G.predict(k, h_k) - h_(k-1)| (losses.generator_prediction_errors, the term G
+          learns from; its negative log-likelihood under Laplace noise, up to constants),
 by the training step's own code (losses.d_terms, either --d-gradients path) with the networks in
 training mode, as the step runs them. D's minibatch-std feature couples the samples of a batch, so
 a batch is always scored as one.
@@ -11,6 +14,7 @@ A module of its own because two scripts read it: train.py, which records the nov
 epoch (NoveltyGap), and neuromodulation.py, whose experiments record whole conditions. So train.py
 never imports the experiments' script, which imports train.py (for the run's flags): no circle.
 """
+import dataclasses
 import sys
 from dataclasses import dataclass
 
@@ -28,13 +32,20 @@ class Recording:
     signal: torch.Tensor  # (N,) D's score of the state
     gate: torch.Tensor  # (N, 5) L1 size of d sum_b D / d h_l for l = 1..5, per sample
     weight: torch.Tensor  # (N,) 2 sigmoid(-signal)
+    surprisal: torch.Tensor = None  # (N,) G's prediction error of the state (record_passes)
+
+    KEYS = ("signal", "gate", "weight", "surprisal")
 
     @staticmethod
     def cat(recordings):
-        return Recording(*(torch.cat([getattr(r, k) for r in recordings]) for k in ("signal", "gate", "weight")))
+        return Recording(*(torch.cat([getattr(r, k) for r in recordings]) for k in Recording.KEYS))
+
+    def select(self, rows):
+        return Recording(*(getattr(self, k)[rows] for k in self.KEYS))
 
     def numpy(self):
-        return {"signal": self.signal.numpy(), "gate": self.gate.sum(dim=1).numpy(), "weight": self.weight.numpy()}
+        return {"signal": self.signal.numpy(), "gate": self.gate.sum(dim=1).numpy(), "weight": self.weight.numpy(),
+                "surprisal": self.surprisal.numpy()}
 
 
 def score_states(D, states, hp: StepConfig):
@@ -55,7 +66,9 @@ def record_passes(nets, hp, network, inputs):
         for x in inputs:
             with torch.no_grad():
                 states = network(x)
-            out.append(score_states(nets.discriminator, states, hp))
+                # G's prediction is deterministic: recording it draws no random number
+                surprisal = losses.generator_prediction_errors(nets.generator, states).float().cpu()
+            out.append(dataclasses.replace(score_states(nets.discriminator, states, hp), surprisal=surprisal))
     return Recording.cat(out)
 
 
@@ -63,6 +76,20 @@ def record_images(nets, hp, images, batch_size):
     """Wake states of images in [-1, 1], scored batch by batch (one size; a remainder is dropped)."""
     n = len(images) // batch_size * batch_size
     return record_passes(nets, hp, nets.inference, images[:n].split(batch_size))
+
+
+def record_oddball(nets, hp, probes, familiar, per_batch, batch_size):
+    """The oddball design: per_batch probes at the end of each batch of batch_size, the rest familiar
+    images (taken in turn, over again where they run out), each batch scored as one. (Recording of
+    the probes, Recording of their familiar batch-mates), both in batch order, so that batch i's
+    probes are rows i*per_batch.. and its mates rows i*(batch_size - per_batch)..."""
+    n, mates = len(probes) // per_batch, batch_size - per_batch
+    turn = torch.arange(n * mates) % len(familiar)
+    batches = [torch.cat([familiar[turn[i * mates:(i + 1) * mates].to(familiar.device)],
+                          probes[i * per_batch:(i + 1) * per_batch]]) for i in range(n)]
+    recorded = record_passes(nets, hp, nets.inference, batches)
+    is_probe = torch.arange(n * batch_size) % batch_size >= mates
+    return recorded.select(is_probe), recorded.select(~is_probe)
 
 
 def record_dreams(nets, hp, n, batch_size, device):

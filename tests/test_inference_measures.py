@@ -10,6 +10,7 @@ from conftest import make_checkpoint, write_mnist
 
 import inference_metrics as im
 import measure_inference
+import stats
 from models import ModelConfig, Networks, _add_noise
 
 B = 50  # samples per synthetic batch
@@ -174,9 +175,9 @@ def test_states_leave_the_networks_unchanged():
 
 
 def test_proportion_interval_by_hand():
-    r = im.proportion_interval([True] + [False] * 31)  # Wilson's 95 % interval of 1 in 32
+    r = stats.proportion_interval([True] + [False] * 31)  # Wilson's 95 % interval of 1 in 32
     assert r["mean"] == 1 / 32 and abs(r["low"] - 0.00554) < 1e-4 and abs(r["high"] - 0.15744) < 1e-4
-    assert im.proportion_interval([True] * 10)["high"] == pytest.approx(1.0)
+    assert stats.proportion_interval([True] * 10)["high"] == pytest.approx(1.0)
 
 
 # --- The command ------------------------------------------------------------------------------------

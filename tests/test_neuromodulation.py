@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import neuromodulation as nm
+import neuromodulation_experiments as ex
 import recording
+import stats
 import train
 from conftest import ROOT, TINY, make_checkpoint, write_cifar10
 from data import split_images
@@ -28,8 +30,8 @@ def trained(tmp_path_factory, mnist_root):
     return out / "checkpoint.pth.tar"
 
 
-SMALL = ["-b", "8", "--n-images", "32", "--repeats", "4", "--presentations", "6", "--bootstrap", "50",
-         "--device", "cpu"]
+SMALL = ["-b", "8", "--n-images", "32", "--oddballs", "2", "--n-oddball", "16", "--repeats", "4", "--presentations", "6",
+         "--streams", "2", "--sustained-steps", "2", "--bootstrap", "50", "--device", "cpu"]
 
 
 def _records(path):
@@ -75,25 +77,25 @@ def test_the_gate_is_autograds_gradient_of_the_score_wrt_each_of_Fs_layers(path)
 
 def test_auroc_and_ranks_by_hand():
     # a > b in 4 of 9 pairs, and one tie (2 = 2) counts half: 4.5 / 9.
-    assert nm.auroc(np.array([3.0, 1.0, 2.0]), np.array([0.0, 2.0, 5.0])) == pytest.approx(0.5)
-    assert nm.auroc(np.array([5.0, 6.0]), np.array([1.0, 2.0, 3.0])) == 1.0
-    assert nm.auroc(np.array([1.0]), np.array([1.0])) == 0.5
-    assert nm._average_ranks(np.array([10.0, 20.0, 10.0, 5.0])).tolist() == [2.5, 4.0, 2.5, 1.0]
+    assert stats.auroc(np.array([3.0, 1.0, 2.0]), np.array([0.0, 2.0, 5.0])) == pytest.approx(0.5)
+    assert stats.auroc(np.array([5.0, 6.0]), np.array([1.0, 2.0, 3.0])) == 1.0
+    assert stats.auroc(np.array([1.0]), np.array([1.0])) == 0.5
+    assert stats.average_ranks(np.array([10.0, 20.0, 10.0, 5.0])).tolist() == [2.5, 4.0, 2.5, 1.0]
 
 
 def test_bootstrap_interval_holds_the_statistic_and_narrows_with_data():
     rng = np.random.default_rng(0)
     small, large = rng.normal(1.0, 1.0, 20), rng.normal(1.0, 1.0, 2000)
     mean = lambda x: float(x.mean())  # noqa: E731
-    lo_s, hi_s = nm.bootstrap_interval(mean, (small,), 500, seed=0)
-    lo_l, hi_l = nm.bootstrap_interval(mean, (large,), 500, seed=0)
+    lo_s, hi_s = stats.bootstrap_interval(mean, (small,), 500, seed=0)
+    lo_l, hi_l = stats.bootstrap_interval(mean, (large,), 500, seed=0)
     assert lo_s < small.mean() < hi_s and lo_l < large.mean() < hi_l
     assert hi_l - lo_l < (hi_s - lo_s) / 4
     # Values shifted together within batches of 100 (as D's minibatch std shifts a batch's scores):
     # resampling whole batches sees 20 draws, not 2,000, and its interval is the wider.
     shifted = large + np.repeat(rng.normal(0.0, 1.0, 20), 100)
-    lo_i, hi_i = nm.bootstrap_interval(mean, (shifted,), 500, seed=0)
-    lo_b, hi_b = nm.bootstrap_interval(mean, (shifted,), 500, seed=0, batch_size=100)
+    lo_i, hi_i = stats.bootstrap_interval(mean, (shifted,), 500, seed=0)
+    lo_b, hi_b = stats.bootstrap_interval(mean, (shifted,), 500, seed=0, batch_size=100)
     assert hi_b - lo_b > 3 * (hi_i - lo_i)
 
 
@@ -107,8 +109,8 @@ def test_familiarization_effects_by_hand():
     signal[:2, 1], signal[18:, 1], signal[5, 1] = 2.0, 0.0, 9.0
     shown = np.tile([0, 1], (20, 1))
     shown[5, 1] = -1
-    stream = nm.Stream(signal, signal * 10, shown)
-    effects = nm.familiarization_effects(stream, reps=20, seed=0)
+    stream = ex.Stream(signal, signal * 10, shown)
+    effects = nm.familiarization_effects(stream)
     e = effects["signal"]
     assert effects["novel_insertions"] == 1
     assert e["repeated_first_tenth"] == pytest.approx(1.25) and e["repeated_last_tenth"] == pytest.approx(0.25)
@@ -116,6 +118,21 @@ def test_familiarization_effects_by_hand():
     assert e["novelty_response"] == pytest.approx(8.0)
     assert e["repeated_by_step"][:6] == pytest.approx([1.0, 1.5, 0.5, 1.0, 0.5, 1.0])
     assert effects["gate"]["novelty_response"] == pytest.approx(80.0)
+    assert e["novel_vs_batch_auroc"] == 1.0  # above the one repeated image of its batch
+
+
+def test_the_unit_of_habituation_is_the_stream():
+    """Three streams whose habituation is -1, -2 and -3, each of many images: the interval is a t-interval
+    over the three streams (n = 3), not over their images."""
+    per_stream = []
+    for change in (-1.0, -2.0, -3.0):
+        signal = np.zeros((10, 50))
+        signal[-1] = change  # the last tenth (one step) of every image moved by `change`
+        per_stream.append(nm.familiarization_effects(ex.Stream(signal, signal, np.tile(np.arange(50), (10, 1)))))
+    habituation = nm.familiarization_record(per_stream)["across_streams"]["signal"]["habituation"]
+    half = 4.302652729911275 * 1.0 / np.sqrt(3)  # t(0.975, 2) sd / sqrt(n), sd of (-1, -2, -3) = 1
+    assert habituation["n"] == 3 and habituation["mean"] == pytest.approx(-2.0)
+    assert habituation["low"] == pytest.approx(-2.0 - half) and habituation["high"] == pytest.approx(-2.0 + half)
 
 
 def test_each_condition_is_scored_in_batches_of_its_own(trained, mnist_root, tmp_path, monkeypatch):
@@ -143,8 +160,10 @@ def test_the_same_seed_gives_the_same_records_and_the_checkpoint_stays_byte_iden
         runs.append([{k: v for k, v in r.items() if k not in ("time", "flags")} for r in _records(path)])
     assert runs[0] == runs[1]
     assert {r["experiment"] for r in runs[0]} == set(nm.EXPERIMENTS)
-    stream = next(r for r in runs[0] if r["experiment"] == "familiarization")
-    assert stream["steps"] == 6 and len(stream["signal"]["repeated_by_step"]) == 6
+    streams = next(r for r in runs[0] if r["experiment"] == "familiarization")
+    assert streams["streams"] == 2 and streams["across_streams"]["signal"]["habituation"]["n"] == 2
+    assert streams["per_stream"][0]["steps"] == 6 and len(streams["per_stream"][0]["signal"]["repeated_by_step"]) == 6
+    assert streams["per_stream"][0]["signal"] != streams["per_stream"][1]["signal"]  # streams of their own
     assert hashlib.sha256(trained.read_bytes()).hexdigest() == before  # familiarization trained a copy
     other = tmp_path / "seed1.jsonl"
     assert nm.main(["--path", str(trained), "--experiments", "wake-sleep", "--seed", "1", "--json", str(other),
@@ -174,7 +193,7 @@ def test_bad_inputs_end_in_one_line(trained, tmp_path, capsys):
 def test_a_run_whose_d_never_trained_an_unwritable_out_and_a_negative_seed_are_refused_before_any_work(
         mnist_root, trained, tmp_path, capsys, monkeypatch):
     scored = []
-    monkeypatch.setattr(nm, "record_images", lambda *a: scored.append(a))
+    monkeypatch.setattr(recording, "record_passes", lambda *a: scored.append(a))
     gamma0 = make_checkpoint(tmp_path / "gamma0", "mnist", mnist_root, "--gamma", "0")
     err = _one_line_error(capsys, ["--path", gamma0, *SMALL])
     assert "--gamma 0" in err and "never trained" in err and "nothing was computed" in err
@@ -189,12 +208,14 @@ def test_a_run_whose_d_never_trained_an_unwritable_out_and_a_negative_seed_are_r
 
 
 def test_the_weight_is_recorded_only_for_runs_it_acted_in(mnist_root, trained, tmp_path):
-    """2 sigmoid(-D) weighs G's loss only under --scale-gen-surprisal-by-D; elsewhere nothing uses it."""
+    """2 sigmoid(-D) weighs G's loss only under --scale-gen-surprisal-by-D; elsewhere nothing uses it. Sleep
+    states carry the signal alone (F never learns from them, and no weight acts on them)."""
     scaled = make_checkpoint(tmp_path / "scaled", "mnist", mnist_root, "--scale-gen-surprisal-by-D")
     for path, want in ((trained, False), (scaled, True)):
         out = tmp_path / f"{want}.jsonl"
         assert nm.main(["--path", str(path), "--experiments", "wake-sleep", "--json", str(out), *SMALL]) == 0
-        assert all(("weight" in r) == want for r in _records(out))
+        wake, sleep = _records(out)
+        assert ("weight" in wake) == want and "weight" not in sleep  # it weighs wake states' terms only
 
 
 def test_an_image_folders_draw_is_seeded_not_its_first_images_in_class_order(tmp_path):
@@ -257,6 +278,7 @@ def test_the_novelty_gap_during_training_changes_nothing_the_run_computes(mnist_
 
 def test_importing_train_does_not_import_the_experiments_script():
     """What train.py records during training (the novelty gap) lives in recording.py: no import circle."""
-    check = "import sys, train; assert 'neuromodulation' not in sys.modules, 'train imports neuromodulation'"
+    check = ("import sys, train; assert not [m for m in sys.modules if m.startswith('neuromodulation')], "
+             "'train imports the experiments'")
     done = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

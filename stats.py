@@ -1,0 +1,109 @@
+"""Effect sizes and intervals, shared by the measures of a model and the summaries across runs.
+
+Which interval fits which sample is the point of this module, so each function says what its unit
+is. Scores recorded in training mode are not independent within a batch (BatchNorm normalizes by
+the batch, D's minibatch-std feature is shared by it): there the unit is the batch, and intervals
+resample whole batches. Across runs the unit is the run (its seed).
+"""
+import numpy as np
+
+# A percentile bootstrap over fewer blocks than this covers well under its nominal level (over two
+# blocks it can only ever return the range of two numbers): such an interval is flagged, not read.
+MIN_BLOCKS = 10
+
+
+def average_ranks(x):
+    """1-based ranks of x, tied values sharing the mean of their ranks."""
+    order = x.argsort(kind="stable")
+    ordered = x[order]
+    starts = np.r_[True, ordered[1:] != ordered[:-1]]  # where a run of equal values begins
+    first = np.flatnonzero(starts)
+    counts = np.diff(np.r_[first, len(x)])
+    ranks = np.empty(len(x))
+    ranks[order] = (first + (counts + 1) / 2)[np.cumsum(starts) - 1]
+    return ranks
+
+
+def auroc(a, b):
+    """P(a > b) for one value drawn from a and one from b, ties counting half: Mann-Whitney's U / (n_a n_b)."""
+    ranks = average_ranks(np.concatenate([a, b]))
+    return float((ranks[:len(a)].sum() - len(a) * (len(a) + 1) / 2) / (len(a) * len(b)))
+
+
+def spearman(x, y):
+    """Spearman's rank correlation: Pearson's correlation of the average ranks (nan if either is constant)."""
+    rx, ry = average_ranks(np.asarray(x, float)), average_ranks(np.asarray(y, float))
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denominator = np.sqrt((rx * rx).sum() * (ry * ry).sum())
+    return float((rx * ry).sum() / denominator) if denominator > 0 else float("nan")
+
+
+def bootstrap_interval(statistic, samples, reps, seed, batch_size=1, level=0.95):
+    """Percentile interval of statistic(*resampled) over reps resamples of each sample, resampling
+    whole blocks of batch_size consecutive values (a sample's length is a multiple of it), each
+    sample on its own (paired_bootstrap_interval for samples that belong together)."""
+    rng = np.random.default_rng(seed)
+    rows = [s.reshape(-1, batch_size) for s in samples]
+    values = [statistic(*(r[rng.integers(0, len(r), len(r))].ravel() for r in rows)) for _ in range(reps)]
+    lo, hi = np.nanquantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return [float(lo), float(hi)]
+
+
+def paired_bootstrap_interval(statistic, samples, reps, seed, batch_size=1, level=0.95):
+    """As bootstrap_interval, but one draw of block indices serves every sample: for values that
+    belong together block by block (the signal and the surprisal of the same inputs)."""
+    rng = np.random.default_rng(seed)
+    rows = [s.reshape(-1, batch_size) for s in samples]
+    values = []
+    for _ in range(reps):
+        pick = rng.integers(0, len(rows[0]), len(rows[0]))
+        values.append(statistic(*(r[pick].ravel() for r in rows)))
+    lo, hi = np.nanquantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return [float(lo), float(hi)]
+
+
+def mean_interval(values, level=0.95):
+    """{"mean", "low", "high", "n"}: the mean of independent values with its t-interval."""
+    from scipy.stats import t
+    values = np.asarray(values, dtype=np.float64)
+    n, mean = len(values), float(values.mean())
+    half = float(t.ppf((1 + level) / 2, n - 1) * values.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+
+
+def proportion_interval(flags, level=0.95):
+    """{"mean", "low", "high", "n"}: the fraction of independent True flags with its Wilson score
+    interval, which stays inside [0, 1] and is not empty at 0 or 1, as a t-interval would be."""
+    from scipy.stats import norm
+    flags = np.asarray(flags, dtype=bool)
+    n, p, z = len(flags), float(flags.mean()), float(norm.ppf((1 + level) / 2))
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return {"mean": p, "low": float(centre - half), "high": float(centre + half), "n": n}
+
+
+def t_test(values, null=0.0):
+    """Two-sided one-sample t-test of independent values against `null`: the p-value (nan below 2
+    values or with no spread)."""
+    from scipy.stats import t
+    values = np.asarray(values, dtype=np.float64)
+    n = len(values)
+    if n < 2 or values.max() == values.min():  # (equal values can leave an sd of 1e-16, not 0)
+        return float("nan")
+    sd = values.std(ddof=1)
+    statistic = (values.mean() - null) / (sd / np.sqrt(n))
+    return float(2 * t.sf(abs(statistic), n - 1))
+
+
+def holm(p_values):
+    """Holm's step-down adjustment of a family of p-values (nan stays nan and is not counted):
+    reject every adjusted p below alpha and the family-wise error rate is at most alpha."""
+    p = np.asarray(p_values, dtype=np.float64)
+    valid = np.flatnonzero(~np.isnan(p))
+    adjusted = np.full(len(p), np.nan)
+    order = valid[np.argsort(p[valid], kind="stable")]
+    m, running = len(order), 0.0
+    for i, j in enumerate(order):
+        running = max(running, min(1.0, (m - i) * p[j]))  # adjusted p-values never decrease
+        adjusted[j] = running
+    return adjusted.tolist()
