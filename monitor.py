@@ -69,7 +69,9 @@ def plot_curves(history, path):
     epochs = [int(r["epoch"]) for r in history]
     col = lambda k: [float(r[k]) for r in history]  # noqa: E731
     measured = [r for r in history if r.get("fd") not in (None, "")]  # --quality-every's epochs
-    fig, axes = plt.subplots(1, 4 if measured else 3, figsize=(16 if measured else 12, 3.4))
+    matched = [r for r in history if r.get("two_sample_whole") not in (None, "")]  # --matching-every's
+    n = 3 + bool(measured) + bool(matched)
+    fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.4))
     has_d = any(col("d_wake")) or any(col("d_sleep"))
     if has_d:
         axes[0].plot(epochs, col("d_wake"), label="D(wake)")
@@ -92,6 +94,13 @@ def plot_curves(history, path):
     if measured:
         axes[3].plot([int(r["epoch"]) for r in measured], [float(r["fd"]) for r in measured], "o-", label="fd")
         axes[3].set_title("sample quality (classifier fd, lower is better)")
+    if matched:
+        ax, at = axes[-1], [int(r["epoch"]) for r in matched]
+        for name in [f"h{l},h{l + 1}" for l in range(5)] + ["h5"]:
+            ax.plot(at, [float(r[f"two_sample_{name}"]) for r in matched], "o-", ms=3, label=name)
+        ax.axhline(0.5, color="k", lw=0.8)
+        ax.set_ylim(0.4, 1.02)
+        ax.set_title("wake/sleep two-sample accuracy (0.5: matched)")
     for ax in axes:
         ax.set_xlabel("epoch")
         if ax.get_legend_handles_labels()[0]:

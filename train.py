@@ -31,7 +31,8 @@ import distributed
 import monitor
 from checkpoint import CHECKPOINT_NAME, CheckpointError, check_architecture, checkpoint_state, load_checkpoint, \
     save_checkpoint
-from data import DATASETS, DataError, DataMissing, channels_of, class_labels, make_batches, num_images
+from data import DATASETS, DataError, DataMissing, TensorBatches, channels_of, class_labels, make_batches, num_images
+from inference_metrics import MatchingDuringTraining
 from losses import METRICS, StepConfig
 from metrics import format_probe, layer_features, linear_probe
 from models import ModelConfig, Networks
@@ -142,6 +143,10 @@ def _run_flags(p):
                    help="every K epochs and after the last, the digit-classifier measure of 2,000 samples "
                         "(fd, kid, precision, recall, confidence, class_entropy: sample_quality.py) into metrics.csv; digits and mnist "
                         "only; 0: never")
+    g.add_argument("--matching-every", type=int, default=0, metavar="K",
+                   help="every K epochs and after the last, the wake/sleep two-sample accuracy (a fresh linear "
+                        "classifier, inference_metrics.py) per layer and pair of layers into metrics.csv as "
+                        "two_sample_*; digits, MNIST and CIFAR-10; 0: never")
 
 
 def _process_flags(p):
@@ -210,7 +215,7 @@ def check_args(args, parser):
         problems.append(f"--batch-size {args.batch_size} gives each of the {world} processes fewer than two samples "
                         f"(BatchNorm on the 1x1 top layer and the minibatch std need two)")
     for flag in ("lamda", "lamda2", "wd", "gradient_clipping", "lr_decay", "workers", "probe_folds", "save_every",
-                 "skip_nonfinite", "quality_every"):
+                 "skip_nonfinite", "quality_every", "matching_every"):
         if flag not in nonfinite and getattr(args, flag) < 0:
             problems.append(f"--{flag.replace('_', '-')} must not be negative, got {getattr(args, flag)}")
     if not {"beta1", "beta2"}.intersection(nonfinite) and not (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1):
@@ -353,6 +358,10 @@ class Run:
         self.novelty_gap = None if no_d else NoveltyGap.of_run(self.batches, args.dataset, args.data, args.image_size,
                                                                args.batch_size // group.world_size, self.device,
                                                                args.classes)
+        self.matching = None
+        if args.matching_every:
+            images = self.batches.images if isinstance(self.batches, TensorBatches) else None
+            self.matching = MatchingDuringTraining.of_run(images, args.batch_size // group.world_size, self.device)
         self.board = monitor.TensorBoard(args.out, enabled=group.is_main)
         # A fixed noise, so that the sample grids of successive epochs are comparable.
         self.fixed_z = torch.randn(100, self.cfg.noise_dim, 1, 1,
@@ -582,6 +591,10 @@ class Run:
             gap = self.novelty_gap(self.nets, self.hp)
             row.update(gap)
             self.board.scalars((epoch + 1) * len(self.batches), gap)
+        if self.matching is not None and ((epoch + 1) % args.matching_every == 0 or epoch + 1 == args.epochs):
+            matching = self.matching(self.nets)  # on every process, as the novelty gap
+            row.update(matching)
+            self.board.scalars((epoch + 1) * len(self.batches), matching)
         self.history.append(row)
         if not group.is_main:
             return

@@ -225,3 +225,24 @@ def test_a_dataset_of_other_channels_is_one_line(run, tmp_path, capsys):
     assert "1-channel" in err and "3-channel" in err and "cifar10" in err
     assert measure_inference.main(["--path", str(tmp_path / "nothing"), "--device", "cpu"]) == 1
     assert "no checkpoint" in one_error_line(capsys)
+
+
+def test_matching_during_training_is_recorded_and_changes_nothing_the_run_computes(mnist_root, tmp_path):
+    """--matching-every 1: two_sample_* in every epoch's row (accuracies, one per feature set), the
+    curves figure's extra panel, and weights equal to the bit to those of the same run without it."""
+    import train
+    from conftest import TINY
+    argv = TINY + ["--dataset", "mnist", "--data", mnist_root, "-b", "16", "--epochs", "2", "--gamma", "0.9",
+                   "--seed", "4", "--probe-folds", "0", "--device", "cpu"]
+    assert train.main(argv + ["--matching-every", "1", "--out", str(tmp_path / "with")]) == 0
+    assert train.main(argv + ["--out", str(tmp_path / "without")]) == 0
+    with_ = torch.load(tmp_path / "with" / "checkpoint.pth.tar", weights_only=True)
+    without = torch.load(tmp_path / "without" / "checkpoint.pth.tar", weights_only=True)
+    for k, v in with_["networks"].items():
+        assert torch.equal(v, without["networks"][k]), k
+    for row in with_["history"]:
+        found = {k[len("two_sample_"):]: v for k, v in row.items() if k.startswith("two_sample_")}
+        assert set(found) == set(im.feature_sets()) and all(0 <= v <= 1 for v in found.values())
+    assert not any(k.startswith("two_sample_") for k in without["history"][0])
+    header = (tmp_path / "with" / "metrics.csv").read_text().splitlines()[0]
+    assert "two_sample_h4,h5" in header
