@@ -36,10 +36,16 @@ class ModelConfig:
     spectral_norm: bool = False
     readout: bool = False  # a readout discriminator exists only when gamma < 1
     discriminator: bool = True  # a wake/sleep discriminator exists only under --inference-rule adversarial
+    norm_order: str = "release"  # where G applies N: "release" before its noise and ReLU, "matched" after, as F
+    inference_batchnorm: bool = True  # BatchNorm after each of F's convolutions (the release's)
+
+    NORM_ORDERS = ("release", "matched")
 
     def __post_init__(self):
         if self.image_size < 32 or self.image_size % 16:
             raise ValueError(f"image size must be a multiple of 16 and at least 32, got {self.image_size}")
+        if self.norm_order not in self.NORM_ORDERS:
+            raise ValueError(f"norm_order must be one of {self.NORM_ORDERS}, got {self.norm_order!r}")
         for name in ("channels", "n_filters", "noise_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -120,12 +126,14 @@ class Inference(nn.Module):
         convs = []
         for k in range(1, 6):
             kernel, stride, pad = (cfg.image_size // 16, 1, 0) if k == 5 else (4, 2, 1)
-            conv = nn.Conv2d(widths[k - 1], widths[k], kernel, stride, pad, bias=False)
+            # a bias only where no BatchNorm follows (BatchNorm's own shift makes one redundant)
+            conv = nn.Conv2d(widths[k - 1], widths[k], kernel, stride, pad, bias=not cfg.inference_batchnorm)
             if cfg.spectral_norm:
                 conv = nn.utils.parametrizations.spectral_norm(conv)
             convs.append(conv)
         self.convs = nn.ModuleList(convs)
-        self.norms = nn.ModuleList([nn.BatchNorm2d(w) for w in widths[1:]])
+        self.norms = nn.ModuleList([nn.BatchNorm2d(w) if cfg.inference_batchnorm else nn.Identity()
+                                    for w in widths[1:]])
         self.register_buffer("sigma", torch.tensor(float(sigma)))
 
     def forward(self, x, to_layer=5):
@@ -146,8 +154,9 @@ class Inference(nn.Module):
         h5; no DeReLU, noise or N, as G.predict has none (classic Wake-Sleep's sleep-phase term,
         docs/algorithm.md). BatchNorm normalizes by this batch's own statistics, as in F's training
         passes, but leaves the running statistics to the wake passes that evaluation reads."""
-        bn = self.norms[k - 1]
-        out = F.batch_norm(self.convs[k - 1](h), None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
+        bn, out = self.norms[k - 1], self.convs[k - 1](h)
+        if isinstance(bn, nn.BatchNorm2d):
+            out = F.batch_norm(out, None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
         return F.relu(out) if k < 5 else out
 
 
@@ -157,6 +166,7 @@ class Generator(nn.Module):
     def __init__(self, cfg: ModelConfig, sigma=0.01):
         super().__init__()
         self.divisive_normalization = cfg.divisive_normalization
+        self.norm_after_relu = cfg.norm_order == "matched"
         widths = [s[0] for s in cfg.state_shapes()]
         convs = []
         for k in range(1, 6):
@@ -186,10 +196,15 @@ class Generator(nn.Module):
         for k in range(from_layer, 0, -1):
             h = self.convs[k - 1](h)
             if k > 1:
-                h = self._norm(h)
+                # release: N, noise, ReLU (channel RMS below 1 after the ReLU); matched: noise, ReLU,
+                # N, the order of F's layers, so that wake and sleep layers both have channel RMS 1
+                if not self.norm_after_relu:
+                    h = self._norm(h)
                 if self.training:
                     h = _add_noise(h, self.sigma)
                 h = F.relu(h)
+                if self.norm_after_relu:
+                    h = self._norm(h)
             else:
                 h = torch.tanh(h)
             states.append(h)

@@ -78,6 +78,11 @@ def _data_and_model_flags(p):
     g.add_argument("--noise-dim", type=int, default=40, help="units of the top layer, Layer5")
     add_bool_flag(g, "--divisive-normalization", "normalize every layer over channels, pixel by pixel")
     add_bool_flag(g, "--spectral-norm", "spectral normalization on the inference and readout weights")
+    g.add_argument("--norm-order", default="release", choices=ModelConfig.NORM_ORDERS,
+                   help="where G applies divisive normalization: release, before its noise and ReLU (the "
+                        "release's); matched, after its ReLU as F does (docs/algorithm.md)")
+    add_bool_flag(g, "--inference-batchnorm", "BatchNorm after each of F's convolutions (False: none, and a bias)",
+                  default=True)
 
 
 def _objective_flags(p):
@@ -248,7 +253,8 @@ def model_config(args):
     return ModelConfig(image_size=args.image_size, channels=channels_of(args.dataset), n_filters=args.n_filters,
                        noise_dim=args.noise_dim, divisive_normalization=args.divisive_normalization,
                        spectral_norm=args.spectral_norm, readout=args.gamma < 1,
-                       discriminator=args.inference_rule == "adversarial")
+                       discriminator=args.inference_rule == "adversarial", norm_order=args.norm_order,
+                       inference_batchnorm=args.inference_batchnorm)
 
 
 def unused_flags_note(args):
