@@ -422,34 +422,46 @@ def plot_conditions(title, conditions, path):
 
 
 def plot_dose(records, path):
-    """Signal, gate and surprisal (medians, batch-bootstrap bands) against the level of each axis, one
-    line per model: the trained one and its controls."""
+    """Against the level of each axis, one line per model (the trained one and its controls): the
+    signal's change from the familiar images (D's offset differs between models), the gate (log
+    axis), the surprisal (medians with batch-bootstrap bands) and the oddball AUROC of the signal,
+    which compares across models without their scales."""
     plt = pyplot("the figures")
     if plt is None:
         return
     points = [r for r in records if r["level"] != "all"]
     axes_names = list(dict.fromkeys(r["axis"] for r in points))
     models = list(dict.fromkeys(r["model"] for r in points))
-    fig, axes = plt.subplots(3, len(axes_names), figsize=(3.2 * len(axes_names), 7.5), squeeze=False, sharex=True)
-    for row, key in enumerate(("signal", "gate", "surprisal")):
+    rows = (("signal", "signal - its level-0 median"), ("gate", "gate (median)"), ("surprisal", "surprisal (median)"),
+            ("auroc", "oddball AUROC of the signal"))
+    fig, axes = plt.subplots(len(rows), len(axes_names), figsize=(3.2 * len(axes_names), 9.5), squeeze=False,
+                             sharex=True)
+    for row, (key, label) in enumerate(rows):
         for col, axis in enumerate(axes_names):
             ax = axes[row][col]
             for i, model in enumerate(models):
                 rs = [r for r in points if r["axis"] == axis and r["model"] == model]
                 level = [r["level"] for r in rs]
-                ax.plot(level, [r[key]["median"] for r in rs], "o-", ms=3, color=f"C{i}", label=model)
-                ax.fill_between(level, *zip(*(r[key]["ci"] for r in rs)), color=f"C{i}", alpha=0.2)
+                if key == "auroc":
+                    mid, band = [r["oddball"]["signal"]["auroc"] for r in rs], [r["oddball"]["signal"]["auroc_ci"] for r in rs]
+                else:
+                    shift = rs[0][key]["median"] if key == "signal" else 0.0
+                    mid, band = [r[key]["median"] - shift for r in rs], [[c - shift for c in r[key]["ci"]] for r in rs]
+                ax.plot(level, mid, "o-", ms=3, color=f"C{i}", label=model)
+                ax.fill_between(level, *zip(*band), color=f"C{i}", alpha=0.2)
             ax.grid(alpha=0.3)
             if key == "gate":
                 ax.set_yscale("log")
+            if key == "auroc":
+                ax.axhline(0.5, color="k", lw=0.8)
             if row == 0:
                 ax.set_title(axis)
-            if row == 2:
+            if row == len(rows) - 1:
                 ax.set_xlabel("level (0: the familiar images)")
             if col == 0:
-                ax.set_ylabel(f"{key} (median)")
+                ax.set_ylabel(label, fontsize=8)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle("dose-response: inputs moved away from the familiar ones (bands: 95 %, bootstrap over batches)")
+    fig.suptitle("dose-response: inputs moved away from the familiar ones (bands: 95 %, over batches)")
     fig.tight_layout()
     write_figure(fig, plt, path)
 
