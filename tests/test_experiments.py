@@ -14,6 +14,7 @@ import torch
 from conftest import ROOT, write_mnist
 
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import batch_effect  # noqa: E402
 import d_noise_reach  # noqa: E402
 import fd_spread  # noqa: E402
 import release_replica  # noqa: E402
@@ -167,3 +168,20 @@ def test_rule_comparison_groups_seeds_and_gives_the_welch_difference(tmp_path, c
     out = capsys.readouterr().out
     assert "| Adversarial Wake-Sleep (pure, gamma 1) | 3, 64 | 12.0 (10.0 - 14.0) |" in out
     assert "| adversarial - wake-sleep, gamma 1 (95 % Welch) |" in out
+
+
+def test_batch_effect_across_runs_by_hand(tmp_path, capsys):
+    """Two runs' novelty records: the AUROC difference and the ratio of the designs' mean differences,
+    averaged over the runs."""
+    paths = []
+    for i, (whole, odd) in enumerate(((0.60, 0.70), (0.62, 0.66))):
+        record = {"condition": "novel", "batch_effect": {"signal": odd - whole},
+                  "whole_batch": {"signal": {"mean_difference": 2.0}}, "oddball": {"signal": {"mean_difference": 1.0 + i}}}
+        path = tmp_path / f"r{i}.json"
+        path.write_text(json.dumps([{"condition": "familiar"}, record]))
+        paths.append(str(path))
+    found = batch_effect.batch_effects(paths)
+    assert [v for pair in found[("novel", "signal")] for v in pair] == pytest.approx([0.10, 0.5, 0.04, 1.0])
+    batch_effect.main(paths)
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert row.startswith("| novel | signal | 2 | +0.070 [") and "| 0.75 [" in row
