@@ -421,6 +421,16 @@ def plot_conditions(title, conditions, path):
     write_figure(fig, plt, path)
 
 
+def _dose_curve(rs, key):
+    """(levels, values, bands) of one model's records along one axis: the oddball AUROC of the
+    signal (key "auroc"), or a median, the signal's as its change from level 0."""
+    level = [r["level"] for r in rs]
+    if key == "auroc":
+        return level, [r["oddball"]["signal"]["auroc"] for r in rs], [r["oddball"]["signal"]["auroc_ci"] for r in rs]
+    shift = rs[0][key]["median"] if key == "signal" else 0.0
+    return level, [r[key]["median"] - shift for r in rs], [[c - shift for c in r[key]["ci"]] for r in rs]
+
+
 def plot_dose(records, path):
     """Against the level of each axis, one line per model (the trained one and its controls): the
     signal's change from the familiar images (D's offset differs between models), the gate (log
@@ -441,12 +451,7 @@ def plot_dose(records, path):
             ax = axes[row][col]
             for i, model in enumerate(models):
                 rs = [r for r in points if r["axis"] == axis and r["model"] == model]
-                level = [r["level"] for r in rs]
-                if key == "auroc":
-                    mid, band = [r["oddball"]["signal"]["auroc"] for r in rs], [r["oddball"]["signal"]["auroc_ci"] for r in rs]
-                else:
-                    shift = rs[0][key]["median"] if key == "signal" else 0.0
-                    mid, band = [r[key]["median"] - shift for r in rs], [[c - shift for c in r[key]["ci"]] for r in rs]
+                level, mid, band = _dose_curve(rs, key)
                 ax.plot(level, mid, "o-", ms=3, color=f"C{i}", label=model)
                 ax.fill_between(level, *zip(*band), color=f"C{i}", alpha=0.2)
             ax.grid(alpha=0.3)
