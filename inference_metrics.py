@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 import fid
-from data import to_unit_range
+from data import seeded_draw, to_unit_range
 from sample_quality import features_and_probabilities
 from stats import mean_interval
 from step import training_mode
@@ -194,7 +194,6 @@ class MatchingDuringTraining:
     def of_run(cls, images, batch_size, device):
         """For a run's training images (a tensor, or None where they are not held in memory); None,
         said once, where there are fewer than the 4 batches the test needs."""
-        from data import seeded_draw
         n = (len(images) // batch_size if images is not None else 0)
         if n < 4:
             print(f"note: --matching-every needs at least 4 batches of -b {batch_size} training images held "

@@ -29,7 +29,7 @@ import train
 from checkpoint import add_checkpoint_flags, dataset_of, load_networks, resolve_checkpoint_path
 from data import DATASETS, channels_of
 from losses import StepConfig
-from stats import MIN_BLOCKS, auroc, bootstrap_interval, mean_interval, paired_bootstrap_interval, spearman
+from stats import MIN_BLOCKS, auroc, bootstrap_interval, mean_interval, spearman
 from step import check_d_gradients
 from utils import UserError, append_jsonl, pick_device, pyplot, run_main, unwritable_folder, write_figure, \
     write_json
@@ -139,7 +139,7 @@ def oddball_compare(probes, mates, per_batch):
 
 def rank_correlation(x, y, reps, seed, batch_size):
     """Spearman's rho of paired per-input values, with a 95 % bootstrap interval over whole batches."""
-    return {"rho": spearman(x, y), "ci": paired_bootstrap_interval(spearman, (x, y), reps, seed, batch_size),
+    return {"rho": spearman(x, y), "ci": bootstrap_interval(spearman, (x, y), reps, seed, batch_size, paired=True),
             "batches": len(x) // batch_size}
 
 
@@ -539,13 +539,15 @@ def control_networks(s):
 def run_experiments(s, controls, out):
     """Every experiment asked for, in order: its records (tables printed and figures drawn on the way)."""
     records = []
+    # drawn once for both experiments that score them (the OOD dataset is read, and said, once)
+    novelty_inputs = ex.novelty_inputs(s) if {"novelty", "plasticity"} & set(s.args.experiments) else None
     if "wake-sleep" in s.args.experiments:
         conditions, reference = ex.wake_sleep(s)
         records += (found := wake_sleep_records(s, conditions, reference))
         print_wake_sleep(found)
         plot_conditions("wake and sleep", conditions, os.path.join(out, "wake-sleep.png"))
     if "novelty" in s.args.experiments:
-        whole, oddball = ex.novelty(s)
+        whole, oddball = ex.novelty(s, novelty_inputs)
         records += (found := novelty_records(s, whole, oddball))
         print_novelty(found)
         plot_conditions("familiar, novel and out-of-distribution inputs (whole-batch)", list(whole.items()),
@@ -558,7 +560,7 @@ def run_experiments(s, controls, out):
         plot_dose(found, os.path.join(out, "dose-response.png"))
         records += found
     if "plasticity" in s.args.experiments:
-        records += (found := plasticity_records(s, ex.plasticity(s, ex.novelty_inputs(s))))
+        records += (found := plasticity_records(s, ex.plasticity(s, novelty_inputs)))
         print_plasticity(found)
     if "familiarization" in s.args.experiments:
         streams = [ex.familiarization(s, i) for i in range(s.args.streams)]

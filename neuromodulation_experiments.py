@@ -182,34 +182,37 @@ def novelty_inputs(s: Setup):
     return conditions
 
 
-def novelty(s: Setup):
-    """Each condition in both designs: {condition: Recording} (whole-batch), {condition: (probes,
-    batch-mates)} (oddball, every condition but the familiar), and the familiar images of the
-    oddball batches (drawn apart from the familiar condition's)."""
-    conditions = novelty_inputs(s)
-    familiar = s.images(True, s.args.n_images, "oddball familiar")
+def oddball_familiar(s: Setup):
+    """The familiar images of the oddball batches, drawn apart from the familiar condition's."""
+    return s.images(True, s.args.n_images, "oddball familiar")
+
+
+def novelty(s: Setup, conditions):
+    """Each of novelty_inputs' conditions in both designs: {condition: Recording} (whole-batch) and
+    {condition: (probes, batch-mates)} (oddball, every condition but the familiar)."""
+    familiar = oddball_familiar(s)
     whole = {name: s.record(name, x) for name, x in conditions}
     oddball = {name: s.record_oddball(name, x, familiar) for name, x in conditions if name != FAMILIAR}
     return whole, oddball
 
 
 def dose_inputs(s: Setup):
-    """The familiar condition's images, and the out-of-distribution images the mixture axis moves
-    towards: --ood-dataset's, or else the test split with its pixels shuffled."""
+    """The familiar condition's images, the out-of-distribution images the mixture axis moves
+    towards (--ood-dataset's, or else the test split with its pixels shuffled), and the familiar
+    images of the oddball batches: drawn once for the trained networks and every control."""
     base = s.images(True, s.args.n_images, "familiar")
     ood = s.ood(len(base))
     other = ood[0] if ood is not None else pixel_shuffled(s.images(False, len(base), "novel").cpu(), s.args.seed)
     if len(other) < len(base):
         other = other.repeat((len(base) + len(other) - 1) // len(other), 1, 1, 1)
-    return base, other[:len(base)].to(s.device)
+    return base, other[:len(base)].to(s.device), oddball_familiar(s)
 
 
 def dose_response(s: Setup, nets=None, inputs=None):
     """{axis: [(level, whole-batch Recording, (probes, batch-mates))]} for the networks `nets` (the
     run's by default). Level 0 is the familiar condition itself, from its own seed, so it equals
     the novelty experiment's familiar records; the same images are moved at every level."""
-    base, other = inputs or dose_inputs(s)
-    familiar = s.images(True, s.args.n_images, "oddball familiar")
+    base, other, familiar = inputs or dose_inputs(s)
     at_zero = s.record(FAMILIAR, base, nets), s.record_oddball(FAMILIAR, base, familiar, nets)
     curves = {}
     for axis in DOSE_AXES:

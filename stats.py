@@ -38,26 +38,19 @@ def spearman(x, y):
     return float((rx * ry).sum() / denominator) if denominator > 0 else float("nan")
 
 
-def bootstrap_interval(statistic, samples, reps, seed, batch_size=1, level=0.95):
+def bootstrap_interval(statistic, samples, reps, seed, batch_size=1, level=0.95, paired=False):
     """Percentile interval of statistic(*resampled) over reps resamples of each sample, resampling
-    whole blocks of batch_size consecutive values (a sample's length is a multiple of it), each
-    sample on its own (paired_bootstrap_interval for samples that belong together)."""
-    rng = np.random.default_rng(seed)
-    rows = [s.reshape(-1, batch_size) for s in samples]
-    values = [statistic(*(r[rng.integers(0, len(r), len(r))].ravel() for r in rows)) for _ in range(reps)]
-    lo, hi = np.nanquantile(values, [(1 - level) / 2, (1 + level) / 2])
-    return [float(lo), float(hi)]
-
-
-def paired_bootstrap_interval(statistic, samples, reps, seed, batch_size=1, level=0.95):
-    """As bootstrap_interval, but one draw of block indices serves every sample: for values that
-    belong together block by block (the signal and the surprisal of the same inputs)."""
+    whole blocks of batch_size consecutive values (a sample's length is a multiple of it). Each
+    sample is resampled on its own; with paired=True one draw of block indices serves every sample,
+    for samples of one length whose values belong together block by block (the signal and the
+    surprisal of the same inputs)."""
     rng = np.random.default_rng(seed)
     rows = [s.reshape(-1, batch_size) for s in samples]
     values = []
     for _ in range(reps):
-        pick = rng.integers(0, len(rows[0]), len(rows[0]))
-        values.append(statistic(*(r[pick].ravel() for r in rows)))
+        picks = [rng.integers(0, len(rows[0]), len(rows[0]))] * len(rows) if paired else \
+            [rng.integers(0, len(r), len(r)) for r in rows]
+        values.append(statistic(*(r[pick].ravel() for r, pick in zip(rows, picks))))
     lo, hi = np.nanquantile(values, [(1 - level) / 2, (1 + level) / 2])
     return [float(lo), float(hi)]
 

@@ -111,7 +111,7 @@ def test_an_interval_over_fewer_than_ten_batches_is_flagged(capsys):
 
 def test_the_dose_response_at_level_0_is_the_familiar_condition(mnist_root, tmp_path):
     s = _setup(make_checkpoint(tmp_path / "run", "mnist", mnist_root))
-    whole, _ = ex.novelty(s)
+    whole, _ = ex.novelty(s, ex.novelty_inputs(s))
     curves = ex.dose_response(s)
     for axis in ex.DOSE_AXES:
         level, at_zero, _ = curves[axis][0]
