@@ -38,6 +38,9 @@ class ModelConfig:
     discriminator: bool = True  # a wake/sleep discriminator exists only under --inference-rule adversarial
     norm_order: str = "release"  # where G applies N: "release" before its noise and ReLU, "matched" after, as F
     inference_batchnorm: bool = True  # BatchNorm after each of F's convolutions (the release's)
+    inference_noise: float = 0.01  # sigma of F's Gaussian noise after each BatchNorm (0: off; DeReLU stays)
+    generator_noise: float = 0.01  # sigma of G's Gaussian noise on h4..h1 in train mode (0: off)
+    discriminator_hidden: int = 128  # D's hidden units per adjacent pair of layers
 
     NORM_ORDERS = ("release", "matched")
 
@@ -46,9 +49,12 @@ class ModelConfig:
             raise ValueError(f"image size must be a multiple of 16 and at least 32, got {self.image_size}")
         if self.norm_order not in self.NORM_ORDERS:
             raise ValueError(f"norm_order must be one of {self.NORM_ORDERS}, got {self.norm_order!r}")
-        for name in ("channels", "n_filters", "noise_dim"):
+        for name in ("channels", "n_filters", "noise_dim", "discriminator_hidden"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("inference_noise", "generator_noise"):
+            if not getattr(self, name) >= 0:  # also refuses nan
+                raise ValueError(f"{name} must be at least 0, got {getattr(self, name)}")
 
     def to_dict(self):
         return asdict(self)
@@ -214,8 +220,8 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     """D: a whole state [h0, .., h5] -> (B,) score, high for wake, low for sleep.
 
-    One Linear per adjacent pair of layers (each layer flattened + minibatch std),
-    640 hidden units in all, noise, LeakyReLU, row-wise N, Linear to one score."""
+    One Linear per adjacent pair of layers (each layer flattened + minibatch std), `hidden` units
+    each (640 in all by default), noise, LeakyReLU, row-wise N, Linear to one score."""
 
     slope = 0.01  # of the LeakyReLU
 
@@ -273,9 +279,9 @@ class Networks(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.inference = Inference(cfg)
-        self.generator = Generator(cfg)
-        self.discriminator = Discriminator(cfg) if cfg.discriminator else None
+        self.inference = Inference(cfg, sigma=cfg.inference_noise)
+        self.generator = Generator(cfg, sigma=cfg.generator_noise)
+        self.discriminator = Discriminator(cfg, hidden=cfg.discriminator_hidden) if cfg.discriminator else None
         self.readout = Readout(cfg) if cfg.readout else None
         init_weights(self)
 

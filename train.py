@@ -83,6 +83,12 @@ def _data_and_model_flags(p):
                         "release's); matched, after its ReLU as F does (docs/algorithm.md)")
     add_bool_flag(g, "--inference-batchnorm", "BatchNorm after each of F's convolutions (False: none, and a bias)",
                   default=True)
+    g.add_argument("--inference-noise", type=float, default=0.01, metavar="SIGMA",
+                   help="standard deviation of F's Gaussian noise after each BatchNorm (0: off; DeReLU stays)")
+    g.add_argument("--generator-noise", type=float, default=0.01, metavar="SIGMA",
+                   help="standard deviation of G's Gaussian noise on Layer4..Layer1 in training (0: off)")
+    g.add_argument("--d-hidden", type=int, default=128, metavar="UNITS",
+                   help="hidden units of the wake/sleep discriminator per adjacent pair of layers")
 
 
 def _objective_flags(p):
@@ -205,9 +211,12 @@ def check_args(args, parser):
         problems.append(f"--image-size must be a multiple of 16 and at least 32, got {args.image_size}")
     if "gamma" not in nonfinite and not 0.0 <= args.gamma <= 1.0:
         problems.append(f"--gamma must lie in [0, 1], got {args.gamma}")
-    for flag in ("epochs", "n_filters", "noise_dim", "lr_g", "lr_d", "lr_e", "lr_rd"):
+    for flag in ("epochs", "n_filters", "noise_dim", "d_hidden", "lr_g", "lr_d", "lr_e", "lr_rd"):
         if flag not in nonfinite and getattr(args, flag) <= 0:
             problems.append(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    for flag in ("inference_noise", "generator_noise"):
+        if flag not in nonfinite and getattr(args, flag) < 0:
+            problems.append(f"--{flag.replace('_', '-')} must be at least 0, got {getattr(args, flag)}")
     if args.batch_size < 2:
         problems.append(f"--batch-size must be at least 2 (BatchNorm on the 1x1 top layer and the minibatch "
                         f"std need two samples), got {args.batch_size}")
@@ -254,7 +263,8 @@ def model_config(args):
                        noise_dim=args.noise_dim, divisive_normalization=args.divisive_normalization,
                        spectral_norm=args.spectral_norm, readout=args.gamma < 1,
                        discriminator=args.inference_rule == "adversarial", norm_order=args.norm_order,
-                       inference_batchnorm=args.inference_batchnorm)
+                       inference_batchnorm=args.inference_batchnorm, inference_noise=args.inference_noise,
+                       generator_noise=args.generator_noise, discriminator_hidden=args.d_hidden)
 
 
 def unused_flags_note(args):

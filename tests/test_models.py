@@ -55,14 +55,16 @@ TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5}
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
-@pytest.mark.parametrize("divisive", [False, True])
-def test_written_out_state_gradients_equal_double_backpropagation(divisive, dtype, device):
+@pytest.mark.parametrize("divisive, hidden", [(False, 128), (True, 128), (True, 20)])
+def test_written_out_state_gradients_equal_double_backpropagation(divisive, hidden, dtype, device):
     """The written-out score_and_state_gradients against autograd on D.forward: scores, state gradients, their L1
     norms, and the gradients w.r.t. D's parameters of a loss of scores and norms (second order)."""
     import losses
     torch.manual_seed(0)
-    nets = Networks(ModelConfig(n_filters=4, noise_dim=6, divisive_normalization=divisive)).to(device, dtype)
+    nets = Networks(ModelConfig(n_filters=4, noise_dim=6, divisive_normalization=divisive,
+                                discriminator_hidden=hidden)).to(device, dtype)
     D = nets.discriminator
+    assert D.out.in_features == 5 * hidden
     D.sigma.fill_(0.3)  # noise on, large enough that both slopes of the LeakyReLU are in play
     x = torch.rand(5, 1, 32, 32, dtype=dtype, device=device) * 2 - 1
     states = [h.detach() for h in nets.inference(x)]
