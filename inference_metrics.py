@@ -8,6 +8,10 @@
   tells wake states F(x) from sleep states G(z), layer by layer, pair by pair and as a whole. The
   algorithm's goal is that it cannot (accuracy 0.5). `null_two_sample` is the same test on wake
   states of two random halves of the training images: what "cannot" looks like at this sample size.
+- What differs between wake and sleep states: each layer's statistics (`layer_statistics`), how far
+  each layer lies from G's prediction of it from the layer above (`prediction_residuals`: wake
+  states are what G's loss fits, sleep states what G dreams), and how well D itself tells them
+  apart (`discriminator_separation`).
 
 None of these needs the wake/sleep discriminator: a checkpoint without one is measured the same way.
 """
@@ -19,7 +23,7 @@ import torch
 import fid
 from data import seeded_draw, to_unit_range
 from sample_quality import features_and_probabilities
-from stats import mean_interval
+from stats import auroc, mean_interval
 from step import training_mode
 from utils import isolated_rng
 
@@ -83,6 +87,61 @@ def sleep_states(nets, n_batches, batch_size, device):
     with training_mode(nets):
         return [[h.cpu() for h in nets.generator(torch.randn(batch_size, nets.cfg.noise_dim, 1, 1, device=device))]
                 for _ in range(n_batches)]
+
+
+# --- What differs between wake and sleep states ----------------------------------------------------------
+
+def layer_statistics(batches):
+    """{layer l (1..5): {"channel_rms", "zeros", "mean"}} of a list of state batches [h0, .., h5]:
+    the mean over samples and pixels of the root mean square over channels (1 where N came last),
+    the fraction of entries exactly 0 (what a ReLU removed), and the mean entry."""
+    found = {}
+    for l in range(1, N_LAYERS):
+        h = torch.cat([states[l] for states in batches]).double()
+        found[l] = {"channel_rms": h.pow(2).mean(dim=1).sqrt().mean().item(),
+                    "zeros": (h == 0).double().mean().item(), "mean": h.mean().item()}
+    return found
+
+
+@torch.no_grad()
+def prediction_residuals(nets, batches):
+    """{k (1..5): mean |G.predict(k, h_k) - h_(k-1)| per entry} of a list of state batches.
+
+    On wake states this is G's prediction loss term by term, what G is fitted to: the spread of an
+    inferred layer around G's guess from the layer above. On sleep states it is how far G's own
+    dreams lie from that guess: G's noise, and N where G applies it. Where the two differ, G dreams
+    layers given the one above with another spread than the one inference shows it."""
+    G = nets.generator
+    device = next(G.parameters()).device
+    totals = {k: 0.0 for k in range(1, N_LAYERS)}
+    count = 0
+    for states in batches:
+        count += len(states[0])
+        for k in totals:
+            guess = G.predict(k, states[k].to(device))
+            totals[k] += (guess - states[k - 1].to(device)).abs().flatten(1).mean(dim=1).sum().item()
+    return {k: t / count for k, t in totals.items()}
+
+
+@torch.no_grad()
+def discriminator_separation(nets, wake_batches, sleep_batches):
+    """How well D itself tells the same wake states from sleep states: {"wake", "sleep"} (mean
+    scores), "margin" (their difference), "margin_sd" (it over the pooled standard deviation of the
+    scores) and "auroc" (the probability that a wake state scores above a sleep state; 0.5 = D
+    cannot tell). None for a model without D. D's own noise is on, as in training."""
+    D = nets.discriminator
+    if D is None:
+        return None
+    device = next(D.parameters()).device
+
+    def scores(batches):
+        return torch.cat([D([h.to(device) for h in states]).double().cpu() for states in batches]).numpy()
+
+    wake, sleep = scores(wake_batches), scores(sleep_batches)
+    pooled = np.sqrt((wake.var(ddof=1) + sleep.var(ddof=1)) / 2)
+    margin = float(wake.mean() - sleep.mean())
+    return {"wake": float(wake.mean()), "sleep": float(sleep.mean()), "margin": margin,
+            "margin_sd": margin / pooled if pooled > 0 else float("nan"), "auroc": float(auroc(wake, sleep))}
 
 
 # --- Two-sample tests --------------------------------------------------------------------------------

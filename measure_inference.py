@@ -81,7 +81,8 @@ def draw_batches(dataset, root, image_size, batch_size, n, seed, train):
 
 
 def two_sample_tests(nets, args, dataset, data, device):
-    """Wake/sleep two-sample test and its null: ({set: result}, {set: result}, states per kind)."""
+    """Wake/sleep two-sample test and its null: ({set: result}, {set: result}, states per kind, what
+    differs between the tested wake and sleep states (differences))."""
     train = draw_batches(dataset, data, nets.cfg.image_size, args.batch_size, 2 * args.n, args.seed, train=True)
     n_batches = min(args.n // args.batch_size, len(train) // 2)
     if n_batches < 4:
@@ -92,9 +93,19 @@ def two_sample_tests(nets, args, dataset, data, device):
     sleep = im.sleep_states(nets, n_batches, args.batch_size, device)
     try:
         return (im.wake_sleep_two_sample(wake[:n_batches], sleep, seed=args.seed),
-                im.null_two_sample(wake, seed=args.seed), n_batches * args.batch_size)
+                im.null_two_sample(wake, seed=args.seed), n_batches * args.batch_size,
+                differences(nets, wake[:n_batches], sleep))
     except ValueError as e:  # scikit-learn refuses non-finite features
         raise UserError(f"cannot run the two-sample tests: {e}") from None
+
+
+def differences(nets, wake, sleep):
+    """What differs between wake and sleep states (inference_metrics): each layer's statistics, the
+    residuals from G's prediction, and D's own separation of the same states."""
+    return {"layers": {kind: im.layer_statistics(b) for kind, b in (("wake", wake), ("sleep", sleep))},
+            "prediction_residual": {kind: im.prediction_residuals(nets, b) for kind, b in (("wake", wake),
+                                                                                            ("sleep", sleep))},
+            "discriminator": im.discriminator_separation(nets, wake, sleep)}
 
 
 def images_to_reconstruct(nets, args, dataset, data):
@@ -164,6 +175,23 @@ def print_report(rec):
     print(f"{'states':>8}  {'wake vs sleep':<24}  null: wake vs wake")
     for name, r in rec["wake_vs_sleep"].items():
         print(f"{name:>8}  {_interval(r, 'accuracy'):<24}  {_interval(rec['null'][name], 'accuracy')}")
+    print_differences(rec["differences"])
+
+
+def print_differences(differ):
+    layers, residual = differ["layers"], differ["prediction_residual"]
+    print("\nthe same states, wake / sleep: channel RMS, fraction of exact zeros, mean entry, and the mean "
+          "|G.predict(k, h_k) - h_(k-1)| of the layer below each")
+    print(f"{'layer':>6}  {'channel rms':>15}  {'zeros':>13}  {'mean':>13}  {'residual from G':>17}")
+    for l in layers["wake"]:
+        w, s = layers["wake"][l], layers["sleep"][l]
+        print(f"{'h' + str(l):>6}  {w['channel_rms']:>7.3f}/{s['channel_rms']:<7.3f}  {w['zeros']:>6.3f}/"
+              f"{s['zeros']:<6.3f}  {w['mean']:>6.3f}/{s['mean']:<6.3f}  "
+              f"{residual['wake'][l]:>8.4f}/{residual['sleep'][l]:<8.4f} (h{l - 1})")
+    d = differ["discriminator"]
+    if d:
+        print(f"D on the same states: mean score wake {d['wake']:.3f}, sleep {d['sleep']:.3f}, margin {d['margin']:.3f} "
+              f"({d['margin_sd']:.2f} pooled sd), AUROC {d['auroc']:.3f}")
 
 
 def setup(args):
@@ -183,7 +211,7 @@ def measure(args):
     if dataset in DATASETS_MEASURED:  # trained on its first use, then read from its cache
         classifier = QualityMeasure(dataset, data, nets.cfg.image_size, cache_dirs=[os.path.dirname(path)]).net
     torch.manual_seed(args.seed)  # F's and G's noise, and z
-    wake_vs_sleep, null, n_per_kind = two_sample_tests(nets, args, dataset, data, device)
+    wake_vs_sleep, null, n_per_kind, differ = two_sample_tests(nets, args, dataset, data, device)
     images, labels, split = images_to_reconstruct(nets, args, dataset, data)
     reconstruction, inputs = reconstruction_measures(nets, images, labels, classifier, device)
     os.makedirs(out, exist_ok=True)
@@ -194,6 +222,7 @@ def measure(args):
            "n_reconstructed": sum(len(x) for x in images),
            "reconstruction": {str(k): m for k, m in reconstruction.items()},
            "label_agreement_of_inputs": inputs, "wake_vs_sleep": wake_vs_sleep, "null": null,
+           "differences": differ,
            "time": datetime.datetime.now().isoformat(timespec="seconds")}
     print_report(rec)
     rec["seconds"] = round(time.time() - start, 1)

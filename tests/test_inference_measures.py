@@ -174,6 +174,51 @@ def test_states_leave_the_networks_unchanged():
     assert all(torch.equal(v, nets.state_dict()[k]) for k, v in before.items())
 
 
+def test_layer_statistics_by_hand():
+    h1 = torch.tensor([[3.0, 0.0], [4.0, 0.0]]).view(1, 2, 1, 2)  # pixel 1: channels (3, 4), pixel 2: zeros
+    states = [torch.zeros(1, 1)] + [h1] * 5
+    found = im.layer_statistics([states, states])
+    assert found[1]["channel_rms"] == pytest.approx((12.5 ** 0.5 + 0) / 2)
+    assert found[3]["zeros"] == 0.5 and found[5]["mean"] == pytest.approx(7 / 4)
+
+
+def test_prediction_residuals_are_zero_on_g_s_own_guesses_and_the_offset_otherwise():
+    torch.manual_seed(0)
+    nets = Networks(ModelConfig(n_filters=4, noise_dim=6))
+    G = nets.generator
+    h = [None] * 5 + [torch.randn(3, 6, 1, 1)]
+    for k in range(5, 0, -1):
+        h[k - 1] = G.predict(k, h[k])  # each layer exactly G's guess from the one above
+    assert all(r == 0 for r in im.prediction_residuals(nets, [h]).values())
+    moved = [h[0] + 0.25] + h[1:]
+    found = im.prediction_residuals(nets, [moved])
+    assert found[1] == pytest.approx(0.25) and found[2] == 0
+
+
+class FirstUnitOfTheTop(nn.Module):
+    """A stand-in D whose score is the first unit of h5."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(1))
+
+    def forward(self, states):
+        return states[5].flatten(1)[:, 0]
+
+
+def test_discriminator_separation_of_states_it_orders_and_of_one_sample():
+    nets = Networks(ModelConfig(n_filters=4, noise_dim=6))
+    nets.discriminator = FirstUnitOfTheTop()
+    wake, sleep = synthetic_batches(4, seed=1, shift={5: 3.0}), synthetic_batches(4, seed=2)
+    found = im.discriminator_separation(nets, wake, sleep)
+    assert found["margin"] == pytest.approx(found["wake"] - found["sleep"]) and 2.5 < found["margin"] < 3.5
+    assert found["auroc"] > 0.97 and 2 < found["margin_sd"] < 4
+    same = im.discriminator_separation(nets, sleep, synthetic_batches(4, seed=3))
+    assert abs(same["auroc"] - 0.5) < 0.1 and abs(same["margin_sd"]) < 0.3
+    nets.discriminator = None
+    assert im.discriminator_separation(nets, wake, sleep) is None
+
+
 def test_proportion_interval_by_hand():
     r = stats.proportion_interval([True] + [False] * 31)  # Wilson's 95 % interval of 1 in 32
     assert r["mean"] == 1 / 32 and abs(r["low"] - 0.00554) < 1e-4 and abs(r["high"] - 0.15744) < 1e-4
@@ -207,6 +252,9 @@ def test_the_command_writes_the_measures_and_the_figure(rule, mnist, tmp_path, c
     assert all(0 < m["mse"]["mean"] <= 4 and 0 <= m["label_agreement"]["mean"] <= 1
                for m in rec["reconstruction"].values())
     assert rec["wake_vs_sleep"].keys() == rec["null"].keys() and "whole" in rec["null"]
+    differ = rec["differences"]
+    assert set(differ["layers"]["sleep"]) == set(differ["prediction_residual"]["wake"]) == {"1", "2", "3", "4", "5"}
+    assert (differ["discriminator"] is None) == (rule == "wake-sleep") and "residual from G" in printed
     assert os.path.getsize(out / "reconstructions.png") > 0
     assert open(ckpt, "rb").read() == before
 
