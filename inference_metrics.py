@@ -103,6 +103,15 @@ def layer_statistics(batches):
     return found
 
 
+def largest_mean_differences(wake_batches, sleep_batches):
+    """{layer l (1..5): max over the layer's entries of |mean over wake states - mean over sleep
+    states|}. Why it matters: against D's L1 gradient penalty, a D linear in the state gains only
+    along entries whose means differ by more than 2 lambda (docs/matching.md)."""
+    return {l: (torch.cat([s[l] for s in wake_batches]).double().mean(dim=0)
+                - torch.cat([s[l] for s in sleep_batches]).double().mean(dim=0)).abs().max().item()
+            for l in range(1, N_LAYERS)}
+
+
 @torch.no_grad()
 def prediction_residuals(nets, batches):
     """{k (1..5): mean |G.predict(k, h_k) - h_(k-1)| per entry} of a list of state batches.

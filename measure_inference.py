@@ -105,6 +105,7 @@ def differences(nets, wake, sleep):
     return {"layers": {kind: im.layer_statistics(b) for kind, b in (("wake", wake), ("sleep", sleep))},
             "prediction_residual": {kind: im.prediction_residuals(nets, b) for kind, b in (("wake", wake),
                                                                                             ("sleep", sleep))},
+            "largest_mean_difference": im.largest_mean_differences(wake, sleep),
             "discriminator": im.discriminator_separation(nets, wake, sleep)}
 
 
@@ -182,12 +183,14 @@ def print_differences(differ):
     layers, residual = differ["layers"], differ["prediction_residual"]
     print("\nthe same states, wake / sleep: channel RMS, fraction of exact zeros, mean entry, and the mean "
           "|G.predict(k, h_k) - h_(k-1)| of the layer below each")
-    print(f"{'layer':>6}  {'channel rms':>15}  {'zeros':>13}  {'mean':>13}  {'residual from G':>17}")
+    print(f"{'layer':>6}  {'channel rms':>15}  {'zeros':>13}  {'mean':>13}  {'residual from G':>17}  "
+          f"largest |mean difference| of an entry")
     for l in layers["wake"]:
         w, s = layers["wake"][l], layers["sleep"][l]
         print(f"{'h' + str(l):>6}  {w['channel_rms']:>7.3f}/{s['channel_rms']:<7.3f}  {w['zeros']:>6.3f}/"
               f"{s['zeros']:<6.3f}  {w['mean']:>6.3f}/{s['mean']:<6.3f}  "
-              f"{residual['wake'][l]:>8.4f}/{residual['sleep'][l]:<8.4f} (h{l - 1})")
+              f"{residual['wake'][l]:>8.4f}/{residual['sleep'][l]:<8.4f} (h{l - 1})  "
+              f"{differ['largest_mean_difference'][l]:.3f}")
     d = differ["discriminator"]
     if d:
         print(f"D on the same states: mean score wake {d['wake']:.3f}, sleep {d['sleep']:.3f}, margin {d['margin']:.3f} "

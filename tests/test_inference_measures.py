@@ -182,6 +182,16 @@ def test_layer_statistics_by_hand():
     assert found[3]["zeros"] == 0.5 and found[5]["mean"] == pytest.approx(7 / 4)
 
 
+def test_largest_mean_difference_is_the_entry_that_moved():
+    wake = synthetic_batches(2, seed=1)
+    sleep = [[h.clone() for h in states] for states in wake]
+    for states in sleep:
+        states[2][:, 1, 0, 1] += 0.7
+        states[4][:, 0, 1, 1] -= 0.2
+    found = im.largest_mean_differences(wake, sleep)
+    assert found[2] == pytest.approx(0.7) and found[4] == pytest.approx(0.2) and found[1] == 0
+
+
 def test_prediction_residuals_are_zero_on_g_s_own_guesses_and_the_offset_otherwise():
     torch.manual_seed(0)
     nets = Networks(ModelConfig(n_filters=4, noise_dim=6))

@@ -1,0 +1,204 @@
+#!/usr/bin/env python
+"""The tables and the figure of docs/matching.md: do wake and sleep states match, and what differs
+where they do not, for runs that each change one thing from a baseline run.
+
+    python experiments/matching.py BASELINE_RUN [RUN ...] [--figure curves.png] [--json rows.json]
+
+Each RUN is a train.py folder made with --matching-every (metrics.csv), holding the outputs of
+    python measure_inference.py --path RUN --n 2000                      (inference/inference_measures.json)
+    python SVM_classify_from_model.py --path RUN -b 512 --n-folds 5 --json RUN/probe.jsonl
+A run's change is the flags of its config.json that differ from the first run's (not the seed or the
+folder); runs of one change are its seeds, shown as the mean and range across them. Where a change and
+the baseline have at least two seeds each, the difference of their means is given with a Welch
+t-interval (the seed is the unit). --figure draws the two-sample accuracy of h1..h5 and the whole state
+over training, one line per run.
+"""
+import argparse
+import csv
+import json
+import os
+import sys
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+from rule_comparison import cell, welch, _fmt  # noqa: E402
+
+IGNORED = {"out", "seed", "resume", "epochs", "device", "gpu", "workers", "data", "save_imgs", "quality_every",
+           "matching_every", "probe_folds"}
+# Flags a run made before an option existed did not record: it ran the option's default.
+DEFAULTS = {"norm_order": "release", "inference_batchnorm": True, "inference_noise": 0.01, "generator_noise": 0.01,
+            "d_hidden": 128}
+LAYERS = range(1, 6)
+MATCHING = ([(f"ts_h{l}", f"h{l}") for l in LAYERS] + [("ts_h1-h4", "h1..h4 mean"), ("ts_whole", "whole"),
+            ("d_auroc", "D's AUROC"), ("d_margin_sd", "D's margin (sd)"), ("fd", "fd"), ("precision", "precision"),
+            ("recall", "recall")])
+PROBE = [(f"probe{l}", f"probe h{l}") for l in LAYERS]
+LAYER_NAMES = ("Input", "Layer1", "Layer2", "Layer3", "Layer4", "Layer5")
+CURVES = [f"h{l}" for l in LAYERS] + ["whole"]
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _metrics(run):
+    with open(os.path.join(run, "metrics.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def curves(run):
+    """{feature set: [(epoch, accuracy)]} of train.py --matching-every."""
+    found = {}
+    for r in _metrics(run):
+        for name in CURVES:
+            value = r.get(f"two_sample_{name}")
+            if value:
+                found.setdefault(name, []).append((int(r["epoch"]), float(value)))
+    return found
+
+
+def run_row(run):
+    """One run's measures as a flat dict (missing evaluations are absent keys)."""
+    args = _read_json(os.path.join(run, "config.json"))["args"]
+    rows = _metrics(run)
+    row = {"run": run, "args": {k: args.get(k, DEFAULTS.get(k)) for k in set(args) | set(DEFAULTS)},
+           "seed": args["seed"], "steps": sum(int(r["steps"]) for r in rows)}
+    last = [r for r in rows if r.get("fd")]
+    if last:
+        row.update({k: float(last[-1][k]) for k in ("fd", "precision", "recall") if last[-1].get(k)})
+    measures = os.path.join(run, "inference", "inference_measures.json")
+    if os.path.exists(measures):
+        m = _read_json(measures)
+        row.update({f"ts_{name}": r["accuracy"] for name, r in m["wake_vs_sleep"].items()})
+        row["ts_h1-h4"] = float(np.mean([row[f"ts_h{l}"] for l in range(1, 5)]))
+        differ = m.get("differences")
+        if differ:
+            row["layers"], row["residual"] = differ["layers"], differ["prediction_residual"]
+            if differ["discriminator"]:
+                row["d_auroc"], row["d_margin_sd"] = differ["discriminator"]["auroc"], differ["discriminator"]["margin_sd"]
+    probe = os.path.join(run, "probe.jsonl")
+    if os.path.exists(probe):
+        with open(probe) as f:
+            accuracy = json.loads(f.read().splitlines()[-1])["accuracy"]
+        row.update({f"probe{l}": accuracy[LAYER_NAMES[l]]["mean"] for l in LAYERS})
+    return row
+
+
+def change(row, baseline):
+    """The flags that differ from the baseline run's, as a command-line fragment ('' for none)."""
+    parts = []
+    for k in sorted(set(row["args"]) - IGNORED):
+        if row["args"][k] != baseline["args"].get(k):
+            parts.append(f"--{k.replace('_', '-')} {row['args'][k]}")
+    steps = "" if row["steps"] == baseline["steps"] else f"{row['steps']} steps"
+    return " ".join(parts + ([steps] if steps else []))
+
+
+def groups(rows):
+    """{change: [rows]}, the baseline's ('' : the baseline's flags) first, in the order given."""
+    keyed = {}
+    for r in rows:
+        keyed.setdefault(change(r, rows[0]) or "baseline", []).append(r)
+    return keyed
+
+
+def table(keyed, columns):
+    lines = ["| change | seeds | " + " | ".join(title for _, title in columns) + " |",
+             "|---|---:|" + "---:|" * len(columns)]
+    for name, rows in keyed.items():
+        lines.append(f"| {name} | {len(rows)} | " + " | ".join(cell(rows, key) for key, _ in columns) + " |")
+    base = keyed.get("baseline", [])
+    for name, rows in keyed.items():
+        if name == "baseline" or len(rows) < 2 or len(base) < 2:
+            continue
+        cells = []
+        for key, _ in columns:
+            a, b = [r[key] for r in rows if key in r], [r[key] for r in base if key in r]
+            if len(a) < 2 or len(b) < 2:
+                cells.append("-")
+                continue
+            d, lo, hi = welch(a, b)
+            cells.append(f"{_fmt(d)} [{_fmt(lo)}, {_fmt(hi)}]")
+        lines.append(f"| {name} - baseline (95 % Welch) | | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def statistics_table(keyed):
+    """Per change and layer, wake / sleep: channel RMS, zeros, mean, distance from G's prediction
+    (the mean over the change's seeds)."""
+    lines = ["| change | layer | channel RMS | zeros | mean | residual from G (layer below) |",
+             "|---|---|---|---|---|---|"]
+    for name, rows in keyed.items():
+        rows = [r for r in rows if "layers" in r]
+        if not rows:
+            continue
+        for l in LAYERS:
+            def pair(part, key=None):
+                def value(r, kind):
+                    v = r[part][kind][str(l)]
+                    return v[key] if key else v
+                return "/".join(f"{np.mean([value(r, kind) for r in rows]):.3f}" for kind in ("wake", "sleep"))
+            lines.append(f"| {name if l == 1 else ''} | h{l} | {pair('layers', 'channel_rms')} | {pair('layers', 'zeros')} "
+                         f"| {pair('layers', 'mean')} | {pair('residual')} |")
+    return "\n".join(lines)
+
+
+def plot(rows, keyed, path):
+    from utils import pyplot, write_figure
+    plt = pyplot("the figure")
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(2.6 * len(CURVES), 2.8), sharey=True)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, group) in enumerate(keyed.items()):
+        for j, r in enumerate(group):
+            found = curves(r["run"])
+            for ax, feature in zip(axes, CURVES):
+                if feature in found:
+                    e, a = zip(*found[feature])
+                    ax.plot(e, a, color=colours[i % len(colours)], marker=".", lw=1,
+                            label=name if j == 0 else None)
+    for ax, feature in zip(axes, CURVES):
+        ax.axhline(0.5, color="grey", lw=0.5, ls=":")
+        ax.axhline(0.6, color="grey", lw=0.5, ls="--")
+        ax.set_title(feature, fontsize=9)
+        ax.set_xlabel("epoch")
+    axes[0].set_ylabel("two-sample accuracy (0.5: matched)")
+    axes[0].set_ylim(0.4, 1.02)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=min(4, len(keyed)), fontsize=7,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.05 + 0.04 * ((len(keyed) - 1) // 4), 1, 1))
+    write_figure(fig, plt, path)
+    print(f"figure: {path}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("runs", nargs="+", help="train.py run folders, the baseline first")
+    p.add_argument("--figure", default=None, help="write the curves of two-sample accuracy here")
+    p.add_argument("--json", default=None, help="write every run's row here")
+    args = p.parse_args(argv)
+    not_runs = [r for r in args.runs if not os.path.isfile(os.path.join(r, "metrics.csv"))]
+    if not_runs:
+        p.error(f"not train.py run folders (no metrics.csv): {', '.join(not_runs)}")
+    rows = [run_row(r) for r in args.runs]
+    keyed = groups(rows)
+    for title, text in (("Wake/sleep two-sample accuracy (measure_inference.py, 2,000 a kind; 0.5: matched), D's "
+                         "separation of the same states, and the samples", table(keyed, MATCHING)),
+                        ("The linear probe (SVM_classify_from_model.py, test digits)", table(keyed, PROBE)),
+                        ("Wake / sleep statistics of the same states", statistics_table(keyed))):
+        print(f"\n{title}\n\n{text}")
+    if args.figure:
+        plot(rows, keyed, args.figure)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
