@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import batch_effect  # noqa: E402
 import d_noise_reach  # noqa: E402
 import fd_spread  # noqa: E402
+import matching  # noqa: E402
 import release_replica  # noqa: E402
 import rule_comparison  # noqa: E402
 import step_vs_release  # noqa: E402
@@ -168,6 +169,43 @@ def test_rule_comparison_groups_seeds_and_gives_the_welch_difference(tmp_path, c
     out = capsys.readouterr().out
     assert "| Adversarial Wake-Sleep (pure, gamma 1) | 3, 64 | 12.0 (10.0 - 14.0) |" in out
     assert "| adversarial - wake-sleep, gamma 1 (95 % Welch) |" in out
+
+
+def _matching_run(folder, seed, lamda, h1, epochs=2):
+    """A run folder with the files experiments/matching.py reads, its numbers made up; made before
+    the noise options existed (its config does not name them)."""
+    os.makedirs(os.path.join(folder, "inference"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"args": {"lamda": lamda, "gamma": 0.9, "seed": seed, "out": str(folder)}}, f)
+    with open(os.path.join(folder, "metrics.csv"), "w") as f:
+        f.write("epoch,steps,two_sample_h1,fd\n" + "".join(f"{e},10,{h1},\n" for e in range(1, epochs)) + f"{epochs},10,{h1},50\n")
+    per_layer = {str(l): 0.5 for l in range(1, 6)}
+    layers = {str(l): {"channel_rms": 1.0, "zeros": 0.25, "mean": 0.5} for l in range(1, 6)}
+    with open(os.path.join(folder, "inference", "inference_measures.json"), "w") as f:
+        json.dump({"wake_vs_sleep": {**{f"h{l}": {"accuracy": h1 if l == 1 else 1.0} for l in range(1, 6)},
+                                     "whole": {"accuracy": 1.0}},
+                   "differences": {"layers": {"wake": layers, "sleep": layers},
+                                   "prediction_residual": {"wake": per_layer, "sleep": per_layer},
+                                   "discriminator": {"auroc": 0.6, "margin_sd": 0.2}}}, f)
+    return str(folder)
+
+
+def test_matching_groups_runs_by_the_flags_they_change_from_the_first(tmp_path, capsys):
+    runs = [_matching_run(tmp_path / f"base{s}", s, 0.7, h1) for s, h1 in enumerate([1.0, 0.9])]
+    runs += [_matching_run(tmp_path / f"low{s}", s, 0.07, h1) for s, h1 in enumerate([0.6, 0.7])]
+    runs.append(_matching_run(tmp_path / "long", 0, 0.7, 1.0, epochs=6))
+    rows = [matching.run_row(r) for r in runs]
+    keyed = matching.groups(rows)
+    assert list(keyed) == ["baseline", "--lamda 0.07", "60 steps"]
+    assert rows[0]["args"]["generator_noise"] == 0.01  # an option the run predates: its default
+    assert rows[2]["ts_h1-h4"] == pytest.approx((0.6 + 3) / 4) and rows[2]["fd"] == 50
+    assert matching.curves(runs[4])["h1"] == [(e, 1.0) for e in range(1, 7)]
+    matching.main(runs)
+    out = capsys.readouterr().out
+    assert "| --lamda 0.07 | 2 | 0.650 (0.600 - 0.700) |" in out
+    d, lo, hi = rule_comparison.welch([0.6, 0.7], [1.0, 0.9])
+    assert f"| --lamda 0.07 - baseline (95 % Welch) | | {d:.3f} [{lo:.3f}, {hi:.3f}] |" in out
+    assert "| baseline | h1 | 1.000/1.000 | 0.250/0.250 | 0.500/0.500 | 0.500/0.500 |" in out
 
 
 def test_batch_effect_across_runs_by_hand(tmp_path, capsys):
