@@ -11,7 +11,9 @@ A run's change is the flags of its config.json that differ from the first run's 
 folder); runs of one change are its seeds, shown as the mean and range across them. Where a change and
 the baseline have at least two seeds each, the difference of their means is given with a Welch
 t-interval (the seed is the unit). --figure draws the two-sample accuracy of h1..h5 and the whole state
-over training, one line per run.
+over training, one line per run. How far each network moved from its initial weights (rebuilt from
+the run's seed, as train.py draws them) shows whether a network learned at all: "D moved" is D's
+largest weight change over lr_d x steps, about the most Adam moves a weight in that many steps.
 """
 import argparse
 import csv
@@ -20,11 +22,14 @@ import os
 import sys
 
 import numpy as np
+import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 from rule_comparison import cell, welch, _fmt  # noqa: E402
+from checkpoint import load_networks, resolve_checkpoint_path  # noqa: E402
+from models import Networks  # noqa: E402
 
 IGNORED = {"out", "seed", "resume", "epochs", "device", "gpu", "workers", "data", "save_imgs", "quality_every",
            "matching_every", "probe_folds"}
@@ -33,7 +38,7 @@ DEFAULTS = {"norm_order": "release", "inference_batchnorm": True, "inference_noi
             "d_hidden": 128}
 LAYERS = range(1, 6)
 MATCHING = ([(f"ts_h{l}", f"h{l}") for l in LAYERS] + [("ts_h1-h4", "h1..h4 mean"), ("ts_whole", "whole"),
-            ("d_auroc", "D's AUROC"), ("d_margin_sd", "D's margin (sd)"), ("fd", "fd"), ("precision", "precision"),
+            ("d_auroc", "D's AUROC"), ("d_margin_sd", "D's margin (sd)"), ("d_moved", "D moved"), ("fd", "fd"), ("precision", "precision"),
             ("recall", "recall")])
 PROBE = [(f"probe{l}", f"probe h{l}") for l in LAYERS]
 LAYER_NAMES = ("Input", "Layer1", "Layer2", "Layer3", "Layer4", "Layer5")
@@ -61,6 +66,22 @@ def curves(run):
     return found
 
 
+def weight_change(state, nets):
+    """{network: {"relative": ||w - w0|| / ||w0|| over its weights, "largest": max |w - w0| over
+    its parameters}} against the initial weights w0, rebuilt as train.py draws them (seeded by the
+    run's seed, before anything else)."""
+    torch.manual_seed(state["seed"])
+    initial = Networks(nets.cfg).parts()
+    found = {}
+    for name, net in nets.parts().items():
+        now, then = dict(net.named_parameters()), dict(initial[name].named_parameters())
+        weights = [k for k in now if k.endswith("weight")]
+        moved = sum((now[k] - then[k]).pow(2).sum() for k in weights).sqrt()
+        found[name] = {"relative": (moved / sum(then[k].pow(2).sum() for k in weights).sqrt()).item(),
+                       "largest": max((now[k] - then[k]).abs().max().item() for k in now)}
+    return found
+
+
 def run_row(run):
     """One run's measures as a flat dict (missing evaluations are absent keys)."""
     args = _read_json(os.path.join(run, "config.json"))["args"]
@@ -85,6 +106,11 @@ def run_row(run):
         with open(probe) as f:
             accuracy = json.loads(f.read().splitlines()[-1])["accuracy"]
         row.update({f"probe{l}": accuracy[LAYER_NAMES[l]]["mean"] for l in LAYERS})
+    if os.path.exists(os.path.join(run, "checkpoint.pth.tar")):
+        state, nets = load_networks(resolve_checkpoint_path(run), "cpu")
+        row["moved"] = weight_change(state, nets)
+        if "discriminator" in row["moved"] and row["steps"]:
+            row["d_moved"] = row["moved"]["discriminator"]["largest"] / (args["lr_d"] * row["steps"])
     return row
 
 

@@ -208,6 +208,16 @@ def test_matching_groups_runs_by_the_flags_they_change_from_the_first(tmp_path, 
     assert "| baseline | h1 | 1.000/1.000 | 0.250/0.250 | 0.500/0.500 | 0.500/0.500 |" in out
 
 
+def test_weight_change_is_measured_from_the_initial_weights_the_seed_draws(mnist_root, tmp_path):
+    from checkpoint import load_networks
+    from conftest import make_checkpoint
+    state, nets = load_networks(make_checkpoint(tmp_path / "run", "mnist", mnist_root), "cpu")
+    moved = matching.weight_change(state, nets)
+    # make_checkpoint seeds 0, builds the networks and scales G's weights by 12: only G moved, 11-fold
+    assert moved["discriminator"] == moved["inference"] == {"relative": 0.0, "largest": 0.0}
+    assert moved["generator"]["relative"] == pytest.approx(11.0)
+
+
 def test_batch_effect_across_runs_by_hand(tmp_path, capsys):
     """Two runs' novelty records: the AUROC difference and the ratio of the designs' mean differences,
     averaged over the runs."""
