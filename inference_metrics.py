@@ -9,8 +9,8 @@
   algorithm's goal is that it cannot (accuracy 0.5). `null_two_sample` is the same test on wake
   states of two random halves of the training images: what "cannot" looks like at this sample size.
 - What differs between wake and sleep states: each layer's statistics (`layer_statistics`), how far
-  each layer lies from G's prediction of it from the layer above (`prediction_residuals`: wake
-  states are what G's loss fits, sleep states what G dreams), and how well D itself tells them
+  each layer lies from the layer G would dream below the one above it (`prediction_residuals`: on
+  sleep states G's noise, on wake states the spread inference shows), and how well D itself tells them
   apart (`discriminator_separation`).
 
 None of these needs the wake/sleep discriminator: a checkpoint without one is measured the same way.
@@ -114,21 +114,25 @@ def largest_mean_differences(wake_batches, sleep_batches):
 
 @torch.no_grad()
 def prediction_residuals(nets, batches):
-    """{k (1..5): mean |G.predict(k, h_k) - h_(k-1)| per entry} of a list of state batches.
+    """{k (1..5): mean |h_(k-1) - b_k(h_k)| per entry} of a list of state batches, where b_k is G's
+    block k without its noise (eval mode): the layer G would dream below h_k, N and all.
 
-    On wake states this is G's prediction loss term by term, what G is fitted to: the spread of an
-    inferred layer around G's guess from the layer above. On sleep states it is how far G's own
-    dreams lie from that guess: G's noise, and N where G applies it. Where the two differ, G dreams
-    layers given the one above with another spread than the one inference shows it."""
+    On sleep states this is G's own noise, as the ReLU and N pass it on: the spread of G's dreamed
+    layer given the one above. On wake states it is the spread of the inferred layer around the
+    layer G would dream from the inferred one above. Where the two differ, G dreams each layer
+    given the one above with another spread than inference shows it."""
     G = nets.generator
     device = next(G.parameters()).device
     totals = {k: 0.0 for k in range(1, N_LAYERS)}
     count = 0
+    was = G.training
+    G.eval()
     for states in batches:
         count += len(states[0])
         for k in totals:
-            guess = G.predict(k, states[k].to(device))
-            totals[k] += (guess - states[k - 1].to(device)).abs().flatten(1).mean(dim=1).sum().item()
+            dreamed = G.block(k, states[k].to(device))
+            totals[k] += (states[k - 1].to(device) - dreamed).abs().flatten(1).mean(dim=1).sum().item()
+    G.train(was)
     return {k: t / count for k, t in totals.items()}
 
 

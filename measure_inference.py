@@ -182,7 +182,7 @@ def print_report(rec):
 def print_differences(differ):
     layers, residual = differ["layers"], differ["prediction_residual"]
     print("\nthe same states, wake / sleep: channel RMS, fraction of exact zeros, mean entry, and the mean "
-          "|G.predict(k, h_k) - h_(k-1)| of the layer below each")
+          "|h_(k-1) - G's noiseless block of h_k| of the layer below each")
     print(f"{'layer':>6}  {'channel rms':>15}  {'zeros':>13}  {'mean':>13}  {'residual from G':>17}  "
           f"largest |mean difference| of an entry")
     for l in layers["wake"]:

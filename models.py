@@ -200,21 +200,23 @@ class Generator(nn.Module):
         inferred hk can be carried down to an image (inference_metrics.reconstructions)."""
         states = [h]
         for k in range(from_layer, 0, -1):
-            h = self.convs[k - 1](h)
-            if k > 1:
-                # release: N, noise, ReLU (channel RMS below 1 after the ReLU); matched: noise, ReLU,
-                # N, the order of F's layers, so that wake and sleep layers both have channel RMS 1
-                if not self.norm_after_relu:
-                    h = self._norm(h)
-                if self.training:
-                    h = _add_noise(h, self.sigma)
-                h = F.relu(h)
-                if self.norm_after_relu:
-                    h = self._norm(h)
-            else:
-                h = torch.tanh(h)
+            h = self.block(k, h)
             states.append(h)
         return states[::-1]
+
+    def block(self, k, h):
+        """G's block k: h(k-1) from hk, as G dreams it (its noise in train mode only)."""
+        h = self.convs[k - 1](h)
+        if k == 1:
+            return torch.tanh(h)
+        # release: N, noise, ReLU (channel RMS below 1 after the ReLU); matched: noise, ReLU, N, the
+        # order of F's layers, so that wake and sleep layers both have channel RMS 1
+        if not self.norm_after_relu:
+            h = self._norm(h)
+        if self.training:
+            h = _add_noise(h, self.sigma)
+        h = F.relu(h)
+        return self._norm(h) if self.norm_after_relu else h
 
 
 class Discriminator(nn.Module):

@@ -192,17 +192,19 @@ def test_largest_mean_difference_is_the_entry_that_moved():
     assert found[2] == pytest.approx(0.7) and found[4] == pytest.approx(0.2) and found[1] == 0
 
 
-def test_prediction_residuals_are_zero_on_g_s_own_guesses_and_the_offset_otherwise():
+def test_prediction_residuals_are_g_s_noise_on_its_dreams_and_the_offset_on_its_noiseless_layers():
     torch.manual_seed(0)
-    nets = Networks(ModelConfig(n_filters=4, noise_dim=6))
-    G = nets.generator
-    h = [None] * 5 + [torch.randn(3, 6, 1, 1)]
-    for k in range(5, 0, -1):
-        h[k - 1] = G.predict(k, h[k])  # each layer exactly G's guess from the one above
-    assert all(r == 0 for r in im.prediction_residuals(nets, [h]).values())
+    nets = Networks(ModelConfig(n_filters=4, noise_dim=6, divisive_normalization=True, generator_noise=0.2))
+    G = nets.generator.eval()
+    h = G(torch.randn(64, 6, 1, 1))  # noiseless: each layer exactly G's block of the one above
+    assert all(r < 1e-6 for r in im.prediction_residuals(nets, [h]).values())
     moved = [h[0] + 0.25] + h[1:]
     found = im.prediction_residuals(nets, [moved])
-    assert found[1] == pytest.approx(0.25) and found[2] == 0
+    assert found[1] == pytest.approx(0.25) and found[2] < 1e-6
+    G.train()
+    noisy = im.prediction_residuals(nets, [G(torch.randn(64, 6, 1, 1))])
+    assert noisy[1] < 1e-6 and all(0.02 < noisy[k] < 0.2 for k in (2, 3, 4))  # the image gets no noise
+    assert G.training  # the mode is restored
 
 
 class FirstUnitOfTheTop(nn.Module):
