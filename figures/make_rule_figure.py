@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Samples and reconstructions of trained runs side by side: the figure of docs/wake_sleep.md.
 
-    python figures/make_rule_figure.py RUN [RUN ...] --out figures/wake_sleep_rules.png
+    python figures/make_rule_figure.py RUN [RUN ...] --out figures/wake_sleep_rules.png [--titles T ...]
 
 For each run, a column: 48 samples of G (a fixed noise, eval mode), then 8 test images with their
 reconstructions from the top (k = 5) and from h3 (k = 3), as measure_inference.py makes them.
@@ -50,11 +50,16 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="run folders written by train.py")
     p.add_argument("--out", default=os.path.join(HERE, "wake_sleep_rules.png"))
+    p.add_argument("--titles", nargs="+", default=None, help="a title per run (default: its rule, gamma and seed)")
     args = p.parse_args()
+    if args.titles and len(args.titles) != len(args.runs):
+        p.error(f"--titles gives {len(args.titles)} titles for {len(args.runs)} runs")
     plt = pyplot("the figure")
     if plt is None:
         return 1
     panels = [panel(r) for r in args.runs]
+    if args.titles:
+        panels = [(samples, recon, name) for (samples, recon, _), name in zip(panels, args.titles)]
     fig, axes = plt.subplots(2, len(panels), figsize=(2.6 * len(panels), 5.6),
                              gridspec_kw={"height_ratios": [6, 3]}, squeeze=False)
     for j, (samples, recon, name) in enumerate(panels):
