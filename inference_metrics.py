@@ -92,14 +92,16 @@ def sleep_states(nets, n_batches, batch_size, device):
 # --- What differs between wake and sleep states ----------------------------------------------------------
 
 def layer_statistics(batches):
-    """{layer l (1..5): {"channel_rms", "zeros", "mean"}} of a list of state batches [h0, .., h5]:
+    """{layer l (1..5): {"channel_rms", "zeros", "mean", "sd"}} of a list of state batches [h0, .., h5]:
     the mean over samples and pixels of the root mean square over channels (1 where N came last),
-    the fraction of entries exactly 0 (what a ReLU removed), and the mean entry."""
+    the fraction of entries exactly 0 (what a ReLU removed), the mean entry, and the mean over
+    entries of an entry's standard deviation across samples (how much the layer varies)."""
     found = {}
     for l in range(1, N_LAYERS):
         h = torch.cat([states[l] for states in batches]).double()
         found[l] = {"channel_rms": h.pow(2).mean(dim=1).sqrt().mean().item(),
-                    "zeros": (h == 0).double().mean().item(), "mean": h.mean().item()}
+                    "zeros": (h == 0).double().mean().item(), "mean": h.mean().item(),
+                    "sd": h.std(dim=0).mean().item()}
     return found
 
 

@@ -181,14 +181,14 @@ def print_report(rec):
 
 def print_differences(differ):
     layers, residual = differ["layers"], differ["prediction_residual"]
-    print("\nthe same states, wake / sleep: channel RMS, fraction of exact zeros, mean entry, and the mean "
+    print("\nthe same states, wake / sleep: channel RMS, fraction of exact zeros, mean entry, an entry's sd across samples, and the mean "
           "|h_(k-1) - G's noiseless block of h_k| of the layer below each")
-    print(f"{'layer':>6}  {'channel rms':>15}  {'zeros':>13}  {'mean':>13}  {'residual from G':>17}  "
+    print(f"{'layer':>6}  {'channel rms':>15}  {'zeros':>13}  {'mean':>13}  {'sd':>13}  {'residual from G':>17}  "
           f"largest |mean difference| of an entry")
     for l in layers["wake"]:
         w, s = layers["wake"][l], layers["sleep"][l]
         print(f"{'h' + str(l):>6}  {w['channel_rms']:>7.3f}/{s['channel_rms']:<7.3f}  {w['zeros']:>6.3f}/"
-              f"{s['zeros']:<6.3f}  {w['mean']:>6.3f}/{s['mean']:<6.3f}  "
+              f"{s['zeros']:<6.3f}  {w['mean']:>6.3f}/{s['mean']:<6.3f}  {w['sd']:>6.3f}/{s['sd']:<6.3f}  "
               f"{residual['wake'][l]:>8.4f}/{residual['sleep'][l]:<8.4f} (h{l - 1})  "
               f"{differ['largest_mean_difference'][l]:.3f}")
     d = differ["discriminator"]

@@ -154,10 +154,10 @@ def table(keyed, columns):
 
 
 def statistics_table(keyed):
-    """Per change and layer, wake / sleep: channel RMS, zeros, mean, distance from G's prediction
-    (the mean over the change's seeds)."""
-    lines = ["| change | layer | channel RMS | zeros | mean | residual from G (layer below) |",
-             "|---|---|---|---|---|---|"]
+    """Per change and layer, wake / sleep: channel RMS, zeros, mean, an entry's sd across samples,
+    distance from G's noiseless block of the layer above (the mean over the change's seeds)."""
+    lines = ["| change | layer | channel RMS | zeros | mean | sd across samples | residual from G (layer below) |",
+             "|---|---|---|---|---|---|---|"]
     for name, rows in keyed.items():
         rows = [r for r in rows if "layers" in r]
         if not rows:
@@ -166,10 +166,10 @@ def statistics_table(keyed):
             def pair(part, key=None):
                 def value(r, kind):
                     v = r[part][kind][str(l)]
-                    return v[key] if key else v
+                    return v.get(key, np.nan) if key else v  # sd: not in measures made before it
                 return "/".join(f"{np.mean([value(r, kind) for r in rows]):.3f}" for kind in ("wake", "sleep"))
             lines.append(f"| {name if l == 1 else ''} | h{l} | {pair('layers', 'channel_rms')} | {pair('layers', 'zeros')} "
-                         f"| {pair('layers', 'mean')} | {pair('residual')} |")
+                         f"| {pair('layers', 'mean')} | {pair('layers', 'sd')} | {pair('residual')} |")
     return "\n".join(lines)
 
 

@@ -205,7 +205,7 @@ def test_matching_groups_runs_by_the_flags_they_change_from_the_first(tmp_path, 
     assert "| --lamda 0.07 | 2 | 0.650 (0.600 - 0.700) |" in out
     d, lo, hi = rule_comparison.welch([0.6, 0.7], [1.0, 0.9])
     assert f"| --lamda 0.07 - baseline (95 % Welch) | | {d:.3f} [{lo:.3f}, {hi:.3f}] |" in out
-    assert "| baseline | h1 | 1.000/1.000 | 0.250/0.250 | 0.500/0.500 | 0.500/0.500 |" in out
+    assert "| baseline | h1 | 1.000/1.000 | 0.250/0.250 | 0.500/0.500 | nan/nan | 0.500/0.500 |" in out
 
 
 def test_weight_change_is_measured_from_the_initial_weights_the_seed_draws(mnist_root, tmp_path):

@@ -180,6 +180,9 @@ def test_layer_statistics_by_hand():
     found = im.layer_statistics([states, states])
     assert found[1]["channel_rms"] == pytest.approx((12.5 ** 0.5 + 0) / 2)
     assert found[3]["zeros"] == 0.5 and found[5]["mean"] == pytest.approx(7 / 4)
+    assert found[2]["sd"] == 0  # the two samples are the same state
+    other = [torch.zeros(1, 1)] + [h1 * 3] * 5
+    assert im.layer_statistics([states, other])[1]["sd"] == pytest.approx(2 * 7 / 4 / 2 ** 0.5)
 
 
 def test_largest_mean_difference_is_the_entry_that_moved():
