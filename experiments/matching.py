@@ -40,7 +40,8 @@ LAYERS = range(1, 6)
 MATCHING = ([(f"ts_h{l}", f"h{l}") for l in LAYERS] + [("ts_h1-h4", "h1..h4 mean"), ("ts_whole", "whole"),
             ("d_auroc", "D's AUROC"), ("d_margin_sd", "D's margin (sd)"), ("d_moved", "D moved"), ("fd", "fd"), ("precision", "precision"),
             ("recall", "recall")])
-PROBE = [(f"probe{l}", f"probe h{l}") for l in LAYERS]
+PROBE = [(f"probe{l}", f"probe h{l}") for l in LAYERS] + [("mse5", "reconstruction error from h5"),
+                                                           ("labels5", "its label agreement")]
 LAYER_NAMES = ("Input", "Layer1", "Layer2", "Layer3", "Layer4", "Layer5")
 CURVES = [f"h{l}" for l in LAYERS] + ["whole"]
 
@@ -96,6 +97,10 @@ def run_row(run):
         m = _read_json(measures)
         row.update({f"ts_{name}": r["accuracy"] for name, r in m["wake_vs_sleep"].items()})
         row["ts_h1-h4"] = float(np.mean([row[f"ts_h{l}"] for l in range(1, 5)]))
+        if "reconstruction" in m:
+            row["mse5"] = m["reconstruction"]["5"]["mse"]["mean"]
+            if "label_agreement" in m["reconstruction"]["5"]:
+                row["labels5"] = m["reconstruction"]["5"]["label_agreement"]["mean"]
         differ = m.get("differences")
         if differ:
             row["layers"], row["residual"] = differ["layers"], differ["prediction_residual"]
@@ -215,7 +220,8 @@ def main(argv=None):
     keyed = groups(rows)
     for title, text in (("Wake/sleep two-sample accuracy (measure_inference.py, 2,000 a kind; 0.5: matched), D's "
                          "separation of the same states, and the samples", table(keyed, MATCHING)),
-                        ("The linear probe (SVM_classify_from_model.py, test digits)", table(keyed, PROBE)),
+                        ("The linear probe (SVM_classify_from_model.py, test digits) and reconstruction from the top "
+                         "(measure_inference.py)", table(keyed, PROBE)),
                         ("Wake / sleep statistics of the same states", statistics_table(keyed))):
         print(f"\n{title}\n\n{text}")
     if args.figure:
