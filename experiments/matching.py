@@ -198,7 +198,7 @@ def plot(rows, keyed, path):
         ax.axhline(0.6, color="grey", lw=0.5, ls="--")
         ax.set_title(feature, fontsize=9)
         ax.set_xlabel("epoch")
-    axes[0].set_ylabel("two-sample accuracy (0.5: matched)")
+    axes[0].set_ylabel("two-sample accuracy")
     axes[0].set_ylim(0.4, 1.02)
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=min(4, len(keyed)), fontsize=7,
                frameon=False)
