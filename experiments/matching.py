@@ -37,9 +37,9 @@ IGNORED = {"out", "seed", "resume", "epochs", "device", "gpu", "workers", "data"
 DEFAULTS = {"norm_order": "release", "inference_batchnorm": True, "inference_noise": 0.01, "generator_noise": 0.01,
             "d_hidden": 128}
 LAYERS = range(1, 6)
-MATCHING = ([(f"ts_h{l}", f"h{l}") for l in LAYERS] + [("ts_h1-h4", "h1..h4 mean"), ("ts_whole", "whole"),
-            ("d_auroc", "D's AUROC"), ("d_margin_sd", "D's margin (sd)"), ("d_moved", "D moved"), ("fd", "fd"), ("precision", "precision"),
-            ("recall", "recall")])
+MATCHING = [(f"ts_h{l}", f"h{l}") for l in LAYERS] + [("ts_h1-h4", "h1..h4 mean"), ("ts_whole", "whole")]
+D_AND_SAMPLES = [("d_auroc", "D's AUROC"), ("d_margin_sd", "D's margin (sd)"), ("d_moved", "D moved"), ("fd", "fd"),
+                 ("precision", "precision"), ("recall", "recall")]
 PROBE = [(f"probe{l}", f"probe h{l}") for l in LAYERS] + [("mse5", "reconstruction error from h5"),
                                                            ("labels5", "its label agreement")]
 LAYER_NAMES = ("Input", "Layer1", "Layer2", "Layer3", "Layer4", "Layer5")
@@ -218,8 +218,10 @@ def main(argv=None):
         p.error(f"not train.py run folders (no metrics.csv): {', '.join(not_runs)}")
     rows = [run_row(r) for r in args.runs]
     keyed = groups(rows)
-    for title, text in (("Wake/sleep two-sample accuracy (measure_inference.py, 2,000 a kind; 0.5: matched), D's "
-                         "separation of the same states, and the samples", table(keyed, MATCHING)),
+    for title, text in (("Wake/sleep two-sample accuracy (measure_inference.py, 2,000 a kind; 0.5: matched)",
+                         table(keyed, MATCHING)),
+                        ("D's separation of the same states, how far D's weights moved, and the samples (fd, "
+                         "precision, recall of 2,000)", table(keyed, D_AND_SAMPLES)),
                         ("The linear probe (SVM_classify_from_model.py, test digits) and reconstruction from the top "
                          "(measure_inference.py)", table(keyed, PROBE)),
                         ("Wake / sleep statistics of the same states", statistics_table(keyed))):
