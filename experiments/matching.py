@@ -27,7 +27,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
-from rule_comparison import cell, welch, _fmt  # noqa: E402
+from rule_comparison import cell, parse_runs, welch_cells, write_rows  # noqa: E402
 from checkpoint import load_networks, resolve_checkpoint_path  # noqa: E402
 from models import Networks  # noqa: E402
 
@@ -146,15 +146,7 @@ def table(keyed, columns):
     for name, rows in keyed.items():
         if name == "baseline" or len(rows) < 2 or len(base) < 2:
             continue
-        cells = []
-        for key, _ in columns:
-            a, b = [r[key] for r in rows if key in r], [r[key] for r in base if key in r]
-            if len(a) < 2 or len(b) < 2:
-                cells.append("-")
-                continue
-            d, lo, hi = welch(a, b)
-            cells.append(f"{_fmt(d)} [{_fmt(lo)}, {_fmt(hi)}]")
-        lines.append(f"| {name} - baseline (95 % Welch) | | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} - baseline (95 % Welch) | | " + " | ".join(welch_cells(rows, base, columns)) + " |")
     return "\n".join(lines)
 
 
@@ -212,10 +204,7 @@ def main(argv=None):
     p.add_argument("runs", nargs="+", help="train.py run folders, the baseline first")
     p.add_argument("--figure", default=None, help="write the curves of two-sample accuracy here")
     p.add_argument("--json", default=None, help="write every run's row here")
-    args = p.parse_args(argv)
-    not_runs = [r for r in args.runs if not os.path.isfile(os.path.join(r, "metrics.csv"))]
-    if not_runs:
-        p.error(f"not train.py run folders (no metrics.csv): {', '.join(not_runs)}")
+    args = parse_runs(p, argv, "metrics.csv")
     rows = [run_row(r) for r in args.runs]
     keyed = groups(rows)
     for title, text in (("Wake/sleep two-sample accuracy (measure_inference.py, 2,000 a kind; 0.5: matched)",
@@ -228,9 +217,7 @@ def main(argv=None):
         print(f"\n{title}\n\n{text}")
     if args.figure:
         plot(rows, keyed, args.figure)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_rows(args.json, rows)
     return 0
 
 

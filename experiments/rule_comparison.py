@@ -115,16 +115,23 @@ def difference_rows(keyed, columns):
         adv, ws = keyed.get(("adversarial", gamma, True), []), keyed.get(("wake-sleep", gamma, True), [])
         if len(adv) < 2 or len(ws) < 2:
             continue
-        cells = []
-        for key, _ in columns:
-            a, b = [r[key] for r in adv if key in r], [r[key] for r in ws if key in r]
-            if len(a) < 2 or len(b) < 2:
-                cells.append("-")
-                continue
-            d, lo, hi = welch(a, b)
-            cells.append(f"{_fmt(d)} [{_fmt(lo)}, {_fmt(hi)}]")
-        lines.append(f"| adversarial - wake-sleep, gamma {gamma:g} (95 % Welch) | | " + " | ".join(cells) + " |")
+        lines.append(f"| adversarial - wake-sleep, gamma {gamma:g} (95 % Welch) | | "
+                     + " | ".join(welch_cells(adv, ws, columns)) + " |")
     return lines
+
+
+def welch_cells(first, second, columns):
+    """Per column, mean(first) - mean(second) [its Welch interval], or '-' where either group has
+    fewer than two values."""
+    cells = []
+    for key, _ in columns:
+        a, b = [r[key] for r in first if key in r], [r[key] for r in second if key in r]
+        if len(a) < 2 or len(b) < 2:
+            cells.append("-")
+            continue
+        d, lo, hi = welch(a, b)
+        cells.append(f"{_fmt(d)} [{_fmt(lo)}, {_fmt(hi)}]")
+    return cells
 
 
 def table(keyed, columns):
@@ -148,15 +155,27 @@ def step_times(path):
     return {key: ms[name] for key, name in BENCHMARK_SETTINGS.items() if name in ms}
 
 
+def parse_runs(p, argv, marker):
+    """The arguments, refusing in one line a run folder without the file `marker`."""
+    args = p.parse_args(argv)
+    not_runs = [r for r in args.runs if not os.path.isfile(os.path.join(r, marker))]
+    if not_runs:
+        p.error(f"not train.py run folders (no {marker}): {', '.join(not_runs)}")
+    return args
+
+
+def write_rows(path, rows):
+    if path:
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("runs", nargs="+", help="train.py run folders")
     p.add_argument("--benchmark", default=None, help="tests/benchmark.py --out JSON: the step time of each rule")
     p.add_argument("--json", default=None, help="write every run's row here")
-    args = p.parse_args(argv)
-    not_runs = [r for r in args.runs if not os.path.isfile(os.path.join(r, "config.json"))]
-    if not_runs:
-        p.error(f"not train.py run folders (no config.json): {', '.join(not_runs)}")
+    args = parse_runs(p, argv, "config.json")
     rows = [run_row(r) for r in args.runs]
     keyed = groups(rows)
     for title, columns in (("Samples (2,000, the digit classifier's features; fd and KID lower is better)", SAMPLES),
@@ -169,9 +188,7 @@ def main(argv=None):
         times = step_times(args.benchmark)
         print("\nms per step (tests/benchmark.py, CPU, median):",
               ", ".join(f"{setting(*k)} {v:.0f}" for k, v in times.items()))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_rows(args.json, rows)
     return 0
 
 
