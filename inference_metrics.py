@@ -15,6 +15,7 @@
 
 None of these needs the wake/sleep discriminator: a checkpoint without one is measured the same way.
 """
+import contextlib
 import sys
 
 import numpy as np
@@ -42,13 +43,21 @@ def reconstructions(nets, x, k):
     a sampler of the posterior by the model's design, docs/algorithm.md), so x_hat is one sample.
     The networks' modes are restored afterwards."""
     F, G = nets.inference, nets.generator
-    modes = F.training, G.training
-    F.eval()
-    G.eval()
-    x_hat = G.descend(F(x, to_layer=k)[k], k)[0]
-    F.train(modes[0])
-    G.train(modes[1])
-    return x_hat
+    with eval_mode(F, G):
+        return G.descend(F(x, to_layer=k)[k], k)[0]
+
+
+@contextlib.contextmanager
+def eval_mode(*networks):
+    """The networks in eval mode, each put back in its own mode afterwards."""
+    modes = [n.training for n in networks]
+    for n in networks:
+        n.eval()
+    try:
+        yield
+    finally:
+        for n, mode in zip(networks, modes):
+            n.train(mode)
 
 
 def reconstruction_error(nets, images, ks=KS):
@@ -107,8 +116,8 @@ def layer_statistics(batches):
 
 def largest_mean_differences(wake_batches, sleep_batches):
     """{layer l (1..5): max over the layer's entries of |mean over wake states - mean over sleep
-    states|}. Why it matters: against D's L1 gradient penalty, a D linear in the state gains only
-    along entries whose means differ by more than 2 lambda (docs/matching.md)."""
+    states|}: the largest difference a linear map of the layer can pick up on its own (read it
+    against layer_statistics' "sd", how much one entry varies across samples)."""
     return {l: (torch.cat([s[l] for s in wake_batches]).double().mean(dim=0)
                 - torch.cat([s[l] for s in sleep_batches]).double().mean(dim=0)).abs().max().item()
             for l in range(1, N_LAYERS)}
@@ -127,14 +136,12 @@ def prediction_residuals(nets, batches):
     device = next(G.parameters()).device
     totals = {k: 0.0 for k in range(1, N_LAYERS)}
     count = 0
-    was = G.training
-    G.eval()
-    for states in batches:
-        count += len(states[0])
-        for k in totals:
-            dreamed = G.block(k, states[k].to(device))
-            totals[k] += (states[k - 1].to(device) - dreamed).abs().flatten(1).mean(dim=1).sum().item()
-    G.train(was)
+    with eval_mode(G):
+        for states in batches:
+            count += len(states[0])
+            for k in totals:
+                dreamed = G.block(k, states[k].to(device))
+                totals[k] += (states[k - 1].to(device) - dreamed).abs().flatten(1).mean(dim=1).sum().item()
     return {k: t / count for k, t in totals.items()}
 
 

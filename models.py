@@ -124,7 +124,7 @@ class DeReLU(nn.Module):
 class Inference(nn.Module):
     """F: image -> [x, h1, .., h5]. A posterior sampler: its noise is on in eval mode too."""
 
-    def __init__(self, cfg: ModelConfig, sigma=0.01):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.divisive_normalization = cfg.divisive_normalization
         widths = [s[0] for s in cfg.state_shapes()]
@@ -140,7 +140,7 @@ class Inference(nn.Module):
         self.convs = nn.ModuleList(convs)
         self.norms = nn.ModuleList([nn.BatchNorm2d(w) if cfg.inference_batchnorm else nn.Identity()
                                     for w in widths[1:]])
-        self.register_buffer("sigma", torch.tensor(float(sigma)))
+        self.register_buffer("sigma", torch.tensor(float(cfg.inference_noise)))
 
     def forward(self, x, to_layer=5):
         states = [x]
@@ -169,7 +169,7 @@ class Inference(nn.Module):
 class Generator(nn.Module):
     """G: z -> [h0, .., h5], top-down. `predict(k, h)` is G's noiseless guess of h(k-1) from hk."""
 
-    def __init__(self, cfg: ModelConfig, sigma=0.01):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.divisive_normalization = cfg.divisive_normalization
         self.norm_after_relu = cfg.norm_order == "matched"
@@ -179,7 +179,7 @@ class Generator(nn.Module):
             kernel, stride, pad = (cfg.image_size // 16, 1, 0) if k == 5 else (4, 2, 1)
             convs.append(nn.ConvTranspose2d(widths[k], widths[k - 1], kernel, stride, pad))
         self.convs = nn.ModuleList(convs)  # convs[k-1] maps hk -> h(k-1)
-        self.register_buffer("sigma", torch.tensor(float(sigma)))
+        self.register_buffer("sigma", torch.tensor(float(cfg.generator_noise)))
 
     def _norm(self, h):
         return divisive_norm(h) if self.divisive_normalization else h
@@ -227,8 +227,9 @@ class Discriminator(nn.Module):
 
     slope = 0.01  # of the LeakyReLU
 
-    def __init__(self, cfg: ModelConfig, hidden=128, sigma=0.01):
+    def __init__(self, cfg: ModelConfig, sigma=0.01):
         super().__init__()
+        hidden = cfg.discriminator_hidden
         self.widths = [c * h * w for c, h, w in cfg.state_shapes()]  # features of each layer, before the std
         self.pairs = nn.ModuleList([nn.Linear(self.widths[l] + self.widths[l + 1] + 2, hidden) for l in range(5)])
         self.out = nn.Linear(5 * hidden, 1)
@@ -281,9 +282,9 @@ class Networks(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.inference = Inference(cfg, sigma=cfg.inference_noise)
-        self.generator = Generator(cfg, sigma=cfg.generator_noise)
-        self.discriminator = Discriminator(cfg, hidden=cfg.discriminator_hidden) if cfg.discriminator else None
+        self.inference = Inference(cfg)
+        self.generator = Generator(cfg)
+        self.discriminator = Discriminator(cfg) if cfg.discriminator else None
         self.readout = Readout(cfg) if cfg.readout else None
         init_weights(self)
 
