@@ -23,12 +23,12 @@ import torch
 from checkpoint import add_architecture_flags, load_networks, resolve_checkpoint_path
 from data import DATASETS, DataError, make_batches
 from metrics import format_probe, layer_features, linear_probe, resampled_probe
-from utils import UserError, add_release_flags, append_jsonl, nonfinite_floats, pick_device, run_main
+from utils import HelpFormatter, UserError, add_release_flags, append_jsonl, nonfinite_floats, pick_device, run_main
 
 
 def get_parser():
     p = argparse.ArgumentParser(description="Per-layer linear SVM decoding of class labels from a trained model",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--path", required=True, help="checkpoint file, or the run folder holding checkpoint.pth.tar")
     p.add_argument("--dataset", default=None, choices=DATASETS,
                    help="dataset whose test split is probed (default: the one the model was trained on)")

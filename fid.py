@@ -14,10 +14,9 @@ import zipfile
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from data import DATASETS, DataError, make_batches, num_images
-from utils import UserError, write_atomically
+from utils import UserError, progress_bar, write_atomically
 
 DIMS = 2048
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -160,6 +159,6 @@ def reference_statistics(ref, model, device, data=None, image_size=32, batch_siz
         mu, sigma = load_statistics(ref)
         return mu, sigma, f"statistics {ref}"
     batches, n, what = reference_batches(ref, data, image_size, batch_size)
-    batches = tqdm(batches, desc="FID reference", total=-(-n // batch_size), disable=not progress, leave=False)
+    batches = progress_bar(batches, desc="FID reference", total=-(-n // batch_size), disable=not progress, leave=False)
     mu, sigma = statistics(activations(model, batches, device))
     return mu, sigma, what

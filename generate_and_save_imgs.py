@@ -20,13 +20,13 @@ import sys
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 import fid
 import sample_quality
 from checkpoint import add_architecture_flags, load_networks, resolve_checkpoint_path
 from data import DATASETS, to_unit_range
-from utils import UserError, WriteError, add_release_flags, pick_device, run_main, write_atomically, write_json
+from utils import (HelpFormatter, UserError, WriteError, add_release_flags, pick_device, progress_bar, run_main,
+                   write_atomically, write_json)
 
 MANIFEST = "samples.json"
 SAMPLE_NAME = re.compile(r"\d{5,}\.png")
@@ -34,7 +34,7 @@ SAMPLE_NAME = re.compile(r"\d{5,}\.png")
 
 def get_parser():
     p = argparse.ArgumentParser(description="Save samples of a trained model as PNG files (and optionally their FID)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--path", required=True, help="checkpoint file, or the run folder holding checkpoint.pth.tar")
     p.add_argument("--dataset", default=None, choices=DATASETS,
                    help="the dataset the model was trained on, checked against the checkpoint's channels "
@@ -179,7 +179,7 @@ def write_samples(nets, args, out, device):
     z = sample_noise(args.n_images, nets.cfg.noise_dim, args.seed)
     width = max(5, len(str(args.n_images - 1)))
     kept = []
-    for start in tqdm(range(0, args.n_images, args.batch_size), desc="samples", unit="batch", dynamic_ncols=True):
+    for start in progress_bar(range(0, args.n_images, args.batch_size), desc="samples", unit="batch", dynamic_ncols=True):
         x = G(z[start:start + args.batch_size].to(device))[0]  # (B, c, S, S) in [-1, 1]
         images = fid.three_channels(fid.to_uint8(x)).cpu()
         for i, image in enumerate(images):

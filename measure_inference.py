@@ -30,14 +30,15 @@ from checkpoint import add_architecture_flags, add_checkpoint_flags, dataset_of,
 from data import DataMissing, make_batches
 from sample_quality import DATASETS_MEASURED, QualityMeasure
 from stats import mean_interval, proportion_interval
-from utils import UserError, pick_device, pyplot, run_main, save_grid, to_unit_interval, write_figure, write_json
+from utils import (HelpFormatter, UserError, pick_device, pyplot, run_main, save_grid, to_unit_interval, write_figure,
+                   write_json)
 
 FIGURE_COLUMNS = 10  # test images shown in reconstructions.png
 
 
 def get_parser():
     p = argparse.ArgumentParser(description="Measures of how well a trained model's inference network infers",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     add_checkpoint_flags(p)
     add_architecture_flags(p)
     p.add_argument("--n", type=int, default=4000,

@@ -3,9 +3,9 @@ import warnings
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from models import LAYER_NAMES
+from utils import progress_bar
 
 
 @torch.no_grad()
@@ -16,7 +16,7 @@ def layer_features(inference, batches, progress=True):
     was_training = inference.training
     inference.eval()
     feats, labels = [[] for _ in LAYER_NAMES], []
-    for x, y in tqdm(batches, desc="features", disable=not progress, leave=False):
+    for x, y in progress_bar(batches, desc="features", disable=not progress, leave=False):
         for l, h in enumerate(_sampled_layers(inference, x)):
             feats[l].append(h)
         labels.append(y.cpu())
@@ -34,7 +34,7 @@ def linear_probe(features, labels, n_folds=10, alpha=1e-4, epochs=5, seed=0, pro
 
     splits = _folds(labels, n_folds, seed)
     results = {}
-    bar = tqdm(total=len(LAYER_NAMES) * len(splits), desc="probe", unit="fit", disable=not progress, leave=False)
+    bar = progress_bar(total=len(LAYER_NAMES) * len(splits), desc="probe", unit="fit", disable=not progress, leave=False)
     for name, X in zip(LAYER_NAMES, features):
         accs = []
         bar.set_postfix(layer=name)
@@ -85,7 +85,7 @@ def resampled_probe(inference, images, labels, n_folds=10, alpha=1e-4, epochs=5,
     rng = np.random.default_rng(seed)
     splits = _folds(labels, n_folds, seed)
     accs = [[] for _ in LAYER_NAMES]
-    for train_idx, test_idx in tqdm(splits, desc="probe (resampled)", unit="fold", disable=not progress,
+    for train_idx, test_idx in progress_bar(splits, desc="probe (resampled)", unit="fold", disable=not progress,
                                     leave=False):
         scalers = [StandardScaler() for _ in LAYER_NAMES]
         svms = [SGDClassifier(loss="hinge", penalty="elasticnet", alpha=alpha, random_state=seed)

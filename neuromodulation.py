@@ -31,7 +31,7 @@ from data import DATASETS, channels_of
 from losses import StepConfig
 from stats import MIN_BLOCKS, auroc, bootstrap_interval, mean_interval, spearman
 from step import check_d_gradients
-from utils import UserError, append_jsonl, pick_device, pyplot, run_main, unwritable_folder, write_figure, \
+from utils import HelpFormatter, UserError, append_jsonl, pick_device, pyplot, run_main, unwritable_folder, write_figure, \
     write_json
 
 EXPERIMENTS = ("wake-sleep", "novelty", "dose-response", "plasticity", "familiarization")
@@ -39,7 +39,7 @@ EXPERIMENTS = ("wake-sleep", "novelty", "dose-response", "plasticity", "familiar
 
 def get_parser():
     p = argparse.ArgumentParser(description="Record the wake/sleep discriminator as a neuromodulator",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     add_checkpoint_flags(p)
     p.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS), choices=EXPERIMENTS)
     p.add_argument("-b", "--batch-size", type=int, default=100,

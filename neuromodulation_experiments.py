@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import losses
 from data import class_labels, split_images
@@ -31,7 +30,7 @@ from losses import StepConfig
 from models import Networks
 from recording import record_dreams, record_images, record_oddball
 from step import NonFiniteError, make_optimizers, training_mode, training_step
-from utils import UserError
+from utils import UserError, progress_bar
 
 FAMILIAR = "familiar: training split"
 DOSE_AXES = ("contrast", "shuffle", "noise", "mixture")
@@ -249,7 +248,7 @@ def plasticity(s: Setup, conditions):
     condition, each from the checkpoint's networks and optimizer state (on a copy: the loaded
     model and the file stay as they were). {condition: {"gradient": [per batch], "update_1", "update_n"}}."""
     B, out = s.args.batch_size, {}
-    for name, x in tqdm(conditions, desc="plasticity", unit="condition", leave=False):
+    for name, x in progress_bar(conditions, desc="plasticity", unit="condition", leave=False):
         batches = list(x[:len(x) // B * B].split(B))
         torch.manual_seed(condition_seed(s.args.seed, "plasticity " + name))
         gradient = [adversarial_gradient_norm(s.nets, s.hp, b) for b in batches]
@@ -309,7 +308,7 @@ def familiarization(s: Setup, stream_index):
     repeated, novel = pool[:K], pool[K:]
     torch.manual_seed(condition_seed(args.seed, f"familiarization noise {stream_index}"))
     rows, used, wanted = [], 0, 0
-    for t in tqdm(range(T), desc=f"familiarization, stream {stream_index + 1}", unit="step", leave=False):
+    for t in progress_bar(range(T), desc=f"familiarization, stream {stream_index + 1}", unit="step", leave=False):
         batch, shown = repeated.clone(), torch.arange(K)
         wanted += torch.rand((), generator=gen).item() < args.novel_rate
         if wanted > used and used < len(novel):

@@ -24,7 +24,7 @@ import textwrap
 import numpy as np
 
 from stats import holm, mean_interval, t_test
-from utils import UserError, pyplot, run_main, unwritable_folder, write_atomically, write_figure, write_json
+from utils import HelpFormatter, UserError, pyplot, run_main, unwritable_folder, write_atomically, write_figure, write_json
 
 MIN_RUNS = 3  # a t-test over two runs has one degree of freedom: its p is not read
 NAN = float("nan")
@@ -33,7 +33,7 @@ BAR = "\\|"  # effect names hold "|", which would end a markdown cell
 
 def get_parser():
     p = argparse.ArgumentParser(description="Summarize neuromodulation.py's effects across runs",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folder, folder holding records.json, or a JSON file")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="write summary.json, summary.md and forest.png here (default: print only)")

@@ -25,7 +25,6 @@ import sys
 import time
 
 import torch
-from tqdm import tqdm
 
 import distributed
 import monitor
@@ -39,15 +38,15 @@ from models import ModelConfig, Networks
 from recording import NoveltyGap
 from sample_quality import DATASETS_MEASURED, QualityMeasure
 from step import NonFiniteError, check_d_gradients, make_optimizers, training_step
-from utils import (RunLock, UserError, WriteError, add_bool_flag, add_release_flags, keep_freed_memory,
-                   nonfinite_floats, note_release_flags, remove_stray_temporaries, save_grid, unwritable_folder,
-                   write_json, write_metrics_csv)
+from utils import (HelpFormatter, RunLock, UserError, WriteError, add_bool_flag, add_release_flags, keep_freed_memory,
+                   nonfinite_floats, note_release_flags, progress_bar, remove_stray_temporaries, save_grid,
+                   unwritable_folder, write_json, write_metrics_csv)
 
 
 def get_parser():
     digits = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in DIGITS_DEFAULTS.items())
     p = argparse.ArgumentParser(description="Adversarial Wake-Sleep training (arXiv:2006.10811)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                formatter_class=HelpFormatter,
                                 epilog="The defaults above are the original release's. With --dataset digits (the "
                                        f"default) these replace them, where not given: {digits}")
     _data_and_model_flags(p)
@@ -511,7 +510,7 @@ class Run:
         batches.set_epoch(self.seed, epoch)
         t0 = time.time()
         remaining = itertools.islice(iter(batches), self.start_step, None)
-        bar = tqdm(remaining, desc=f"epoch {epoch + 1}/{self.args.epochs}", initial=self.start_step,
+        bar = progress_bar(remaining, desc=f"epoch {epoch + 1}/{self.args.epochs}", initial=self.start_step,
                    total=len(batches), dynamic_ncols=True, disable=not group.is_main)
         step = self.start_step
         for step, (x, _) in enumerate(bar, start=self.start_step + 1):

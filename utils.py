@@ -16,6 +16,7 @@ import tempfile
 
 import torch
 from torchvision.utils import save_image
+from tqdm import tqdm
 
 from data import DataError
 
@@ -38,6 +39,35 @@ def str2bool(value):
 def add_bool_flag(parser, name, help, default=False):
     """`--name True`, `--name False` (the paper's command lines) and a bare `--name` all work."""
     parser.add_argument(name, type=str2bool, nargs="?", const=True, default=default, metavar="True|False", help=help)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default said once: argparse's "(default: X)" is added only where the
+    flag's own help names no default and the default is a value (a None default is described in the
+    help text, or means "not given")."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default is None or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
+def show_progress():
+    """Progress bars only where someone watches them: a terminal. Written into a log file, every bar
+    redraw is a carriage-return frame that buries the results under fragments; there a script prints
+    one line per epoch or per stage instead. AWS_PROGRESS=1 (or 0) overrides, for tests that follow a
+    run through its bar."""
+    forced = os.environ.get("AWS_PROGRESS")
+    if forced is not None:
+        return forced not in ("", "0")
+    return sys.stderr.isatty()
+
+
+def progress_bar(iterable=None, **kwargs):
+    """tqdm, drawn only where show_progress() says so; kwargs as tqdm's (disable=True still disables)."""
+    kwargs["disable"] = kwargs.get("disable", False) or not show_progress()
+    return tqdm(iterable, **kwargs)
 
 
 def pick_device(device="auto", gpu=None):

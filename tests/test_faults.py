@@ -46,7 +46,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# AWS_PROGRESS=1: the bar is drawn into the pipe too, so the tests can follow the steps done.
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "AWS_PROGRESS": "1"}
 
 
 @pytest.fixture(scope="module")
