@@ -108,10 +108,11 @@ def generator_prediction_loss(generator, wake, weights=None):
 
 
 def inference_sleep_prediction_loss(inference, sleep):
-    """L_F,sleep = mean_b sum_{k=1..5} mean | b_k(BN_k(Conv_k(sg S_{k-1}))) - sg S_k |.
+    """L_F,sleep = mean_b sum_{k=1..5} mean | N(b_k(BN_k(Conv_k(DeReLU_k(sg S_{k-1}))))) - sg S_k |.
 
     Classic Wake-Sleep's sleep phase (--inference-rule wake-sleep), the mirror of L_G,pred: F
-    learns to predict each dreamed layer from the one below, under the same Laplace noise."""
+    learns to predict each dreamed layer from the one below, under the same Laplace noise, through
+    the computation it runs at wake (Inference.predict)."""
     return prediction_errors(inference.predict, sleep[:-1], sleep[1:]).mean()
 
 
@@ -276,7 +277,9 @@ def step_losses(nets, x, hp: StepConfig):
     else:
         loss_d = loss_f = prediction = zero
     loss_g, kl = prediction, zero
-    if hp.kl_from_sn and hp.inference_rule == "adversarial":  # Wake-Sleep's F learns from sleep states alone
+    if hp.kl_from_sn:
+        # In both rules: the release's pull of h5's batch statistics toward the prior is a regularizer
+        # of F beside its rule, and the rules are compared with the same regularizers (docs/wake_sleep.md).
         kl = 1e-4 * kl_from_standard_normal(wake[5].to(x.dtype))
         loss_f = loss_f + kl
 

@@ -156,14 +156,20 @@ class Inference(nn.Module):
         return states
 
     def predict(self, k, h):
-        """b_k(BN_k(Conv_k(h))): F's noiseless guess of hk from h(k-1), ReLU below the top, linear at
-        h5; no DeReLU, noise or N, as G.predict has none (classic Wake-Sleep's sleep-phase term,
-        docs/algorithm.md). BatchNorm normalizes by this batch's own statistics, as in F's training
-        passes, but leaves the running statistics to the wake passes that evaluation reads."""
-        bn, out = self.norms[k - 1], self.convs[k - 1](h)
+        """N(b_k(BN_k(Conv_k(DeReLU_k(h))))): F's wake computation of hk from h(k-1) less its output
+        noise, the location of F's conditional (classic Wake-Sleep's sleep-phase term, docs/algorithm.md).
+        The DeReLU draws its fill as at wake, because F must learn on the inputs it is run on: a dreamed
+        layer has exact zeros (G's ReLU) that the wake pass always fills. The output noise sigma is the
+        spread around that location and is left out, as G.predict leaves out G's. b_k: ReLU below the
+        top, linear at h5; N where --divisive-normalization. BatchNorm normalizes by this batch's own
+        statistics, as in F's training passes, but leaves the running statistics to the wake passes
+        that evaluation reads."""
+        bn, out = self.norms[k - 1], self.convs[k - 1](self.derelu[k - 1](h))
         if isinstance(bn, nn.BatchNorm2d):
             out = F.batch_norm(out, None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
-        return F.relu(out) if k < 5 else out
+        if k < 5:
+            out = F.relu(out)
+        return divisive_norm(out) if self.divisive_normalization else out
 
 
 class Generator(nn.Module):

@@ -271,11 +271,8 @@ def unused_flags_note(args):
     runnable as they are with the rule switched, and nothing passes unnoticed."""
     if args.inference_rule != "wake-sleep":
         return None
-    note = ("note: --inference-rule wake-sleep builds no wake/sleep discriminator: --lr-d, --lamda and "
+    return ("note: --inference-rule wake-sleep builds no wake/sleep discriminator: --lr-d, --lamda and "
             "--d-gradients are unused")
-    if args.kl_from_sn:
-        note += "; F learns from sleep states alone, so --kl-from-sn (a term on wake states) is unused too"
-    return note
 
 
 class BadArgument(UserError):

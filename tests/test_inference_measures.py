@@ -253,7 +253,9 @@ def run(mnist, tmp_path_factory):
 
 
 @pytest.mark.parametrize("rule", ["adversarial", "wake-sleep"])  # wake-sleep: a checkpoint without D
-def test_the_command_writes_the_measures_and_the_figure(rule, mnist, tmp_path, capsys):
+def test_the_command_runs_and_writes_every_measure_and_the_figure(rule, mnist, tmp_path, capsys):
+    """That the command runs on both kinds of checkpoint and writes each part of its record (their values:
+    test_the_command_s_reconstruction_measures_by_hand), and leaves the checkpoint as it was."""
     ckpt = make_checkpoint(tmp_path / "run", "mnist", mnist, "--inference-rule", rule)
     out = tmp_path / "out"
     before = open(ckpt, "rb").read()
@@ -264,14 +266,81 @@ def test_the_command_writes_the_measures_and_the_figure(rule, mnist, tmp_path, c
         rec = json.load(f)
     assert rec["dataset"] == "mnist" and rec["n_per_kind"] == 32 and rec["split"] == "test"
     assert set(rec["reconstruction"]) == {"5", "4", "3", "2", "1"}
-    assert all(0 < m["mse"]["mean"] <= 4 and 0 <= m["label_agreement"]["mean"] <= 1
-               for m in rec["reconstruction"].values())
+    assert all(set(m) == {"mse", "label_agreement"} for m in rec["reconstruction"].values())
     assert rec["wake_vs_sleep"].keys() == rec["null"].keys() and "whole" in rec["null"]
     differ = rec["differences"]
     assert set(differ["layers"]["sleep"]) == set(differ["prediction_residual"]["wake"]) == {"1", "2", "3", "4", "5"}
     assert (differ["discriminator"] is None) == (rule == "wake-sleep") and "residual from G" in printed
     assert os.path.getsize(out / "reconstructions.png") > 0
     assert open(ckpt, "rb").read() == before
+
+
+def _noiseless_checkpoint(folder, data):
+    """A checkpoint whose F and G have no noise (sigma 0 and DeReLU scale 0, so that the DeReLU passes its
+    rectified input as it is): a reconstruction is then a function of the image alone."""
+    from checkpoint import save_checkpoint
+    path = make_checkpoint(folder, "mnist", data, "--inference-noise", "0", "--generator-noise", "0",
+                           "--divisive-normalization", "True")
+    state = torch.load(path, weights_only=True)
+    scales = [k for k in state["networks"] if k.startswith("inference.derelu.") and k.endswith(".scale")]
+    assert len(scales) == 4
+    for k in scales:
+        state["networks"][k].zero_()
+    save_checkpoint(path, state)
+    return path
+
+
+def test_the_command_s_reconstruction_measures_by_hand(mnist, tmp_path):
+    """On a noiseless checkpoint, the reconstruction error from each layer k and the digit classifier's
+    label agreement, recomputed here from the checkpoint and the test images: F's blocks up to h_k and
+    G's down from it written out (eval mode: BatchNorm on its running statistics, N over channels), the
+    squared error per pixel, its mean and 95 % t-interval over the 40 test images; the classifier's labels
+    of the 8-bit reconstructions (and of the images themselves) against the images' labels."""
+    from scipy.stats import t
+    from checkpoint import load_checkpoint, networks_from_checkpoint
+    from data import load_in_memory, to_unit_range
+    from models import divisive_norm
+    from sample_quality import QualityMeasure
+    ckpt = _noiseless_checkpoint(tmp_path / "run", mnist)
+    out = tmp_path / "out"
+    assert measure_inference.main(["--path", ckpt, "--n", "40", "-b", "8", "--device", "cpu", "--out", str(out)]) == 0
+    with open(out / "inference_measures.json") as f:
+        rec = json.load(f)
+    assert rec["n_reconstructed"] == 40 and rec["split"] == "test"  # every test image: their order does not matter
+
+    nets = networks_from_checkpoint(load_checkpoint(ckpt)).eval()
+    F_, G = nets.inference, nets.generator
+    images, labels = load_in_memory("mnist", mnist, 32, train=False)
+    x = to_unit_range(images)
+    classifier = QualityMeasure("mnist", mnist, 32, cache_dirs=[os.path.dirname(ckpt)]).net  # the command's, cached
+
+    def agreement(u):  # 8 bits, as samples are scored
+        u = torch.round((u + 1) * 127.5).clamp(0, 255) / 127.5 - 1
+        return (classifier.logits(classifier.features(u)).argmax(1) == labels).double().mean().item()
+
+    mses = {}
+    with torch.no_grad():
+        for k in (5, 4, 3, 2, 1):
+            h = x
+            for j in range(1, k + 1):
+                h = F_.norms[j - 1](F_.convs[j - 1](h))
+                h = divisive_norm(torch.relu(h) if j < 5 else h)
+            for j in range(k, 0, -1):
+                h = G.convs[j - 1](h)
+                h = torch.tanh(h) if j == 1 else torch.relu(divisive_norm(h))  # release order: N, then ReLU
+            e = (h - x).pow(2).flatten(1).mean(dim=1).double().numpy()
+            half = t.ppf(0.975, len(e) - 1) * e.std(ddof=1) / np.sqrt(len(e))
+            found = rec["reconstruction"][str(k)]
+            assert [found["mse"][q] for q in ("mean", "low", "high")] == pytest.approx(
+                [e.mean(), e.mean() - half, e.mean() + half], rel=1e-5), k
+            assert found["label_agreement"]["mean"] == agreement(h), k
+            mses[k] = e.mean()
+    assert rec["label_agreement_of_inputs"]["mean"] == agreement(x) == 1.0  # the classifier knows these digits
+    # so the agreement, image by image, with labels moved by one is exactly where two neighbours share a label
+    assert np.array_equal(im.label_agreement(classifier, x, labels), np.ones(40, bool))
+    assert np.array_equal(im.label_agreement(classifier, x, labels.roll(1)), (labels == labels.roll(1)).numpy())
+    # the five errors differ from one another: a measure recorded under the wrong k would be seen
+    assert min(abs(a - b) / a for a in mses.values() for b in mses.values() if a != b) > 1e-3, mses
 
 
 def one_error_line(capsys):
@@ -297,15 +366,23 @@ def test_matching_during_training_is_recorded_and_changes_nothing_the_run_comput
     from conftest import TINY
     argv = TINY + ["--dataset", "mnist", "--data", mnist_root, "-b", "16", "--epochs", "2", "--gamma", "0.9",
                    "--seed", "4", "--probe-folds", "0", "--device", "cpu"]
-    assert train.main(argv + ["--matching-every", "1", "--out", str(tmp_path / "with")]) == 0
+    assert train.main(argv + ["--matching-every", "1", "--save-every", "1", "--out", str(tmp_path / "with")]) == 0
     assert train.main(argv + ["--out", str(tmp_path / "without")]) == 0
     with_ = torch.load(tmp_path / "with" / "checkpoint.pth.tar", weights_only=True)
     without = torch.load(tmp_path / "without" / "checkpoint.pth.tar", weights_only=True)
     for k, v in with_["networks"].items():
         assert torch.equal(v, without["networks"][k]), k
+    # Each epoch's row holds the test of that epoch's networks (its checkpoint) on the run's training images,
+    # with the measure's own seed: recomputed here from the checkpoint, the same numbers.
+    from checkpoint import networks_from_checkpoint
+    from data import load_in_memory
+    measure = im.MatchingDuringTraining.of_run(load_in_memory("mnist", mnist_root, 32, train=True)[0], 16, "cpu")
+    assert [row["epoch"] for row in with_["history"]] == [1, 2]
     for row in with_["history"]:
-        found = {k[len("two_sample_"):]: v for k, v in row.items() if k.startswith("two_sample_")}
-        assert set(found) == set(im.feature_sets()) and all(0 <= v <= 1 for v in found.values())
+        found = {k: v for k, v in row.items() if k.startswith("two_sample_")}
+        assert set(found) == {f"two_sample_{name}" for name in im.feature_sets()}
+        state = torch.load(tmp_path / "with" / f"checkpoint_epoch{row['epoch']}.pth.tar", weights_only=True)
+        assert found == measure(networks_from_checkpoint(state)), row["epoch"]
     assert not any(k.startswith("two_sample_") for k in without["history"][0])
     header = (tmp_path / "with" / "metrics.csv").read_text().splitlines()[0]
     assert "two_sample_h4,h5" in header

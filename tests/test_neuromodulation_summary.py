@@ -42,16 +42,6 @@ def rows_of(paths, only=None):
     return {r["effect"]: r for r in ns.summarize(ns.load_runs(paths), only)}
 
 
-def by_hand_holm(p):
-    """Holm's adjusted p-values written out: sorted, times (m - i), running maximum, capped at 1."""
-    order = np.argsort(p)
-    adjusted, running = np.empty(len(p)), 0.0
-    for i, j in enumerate(order):
-        running = max(running, min(1.0, (len(p) - i) * p[j]))
-        adjusted[j] = running
-    return adjusted
-
-
 def test_one_effect_matches_numbers_by_hand(tmp_path):
     values = [0.61, 0.74, 0.45, 0.82]
     row = rows_of(runs_of(tmp_path, {AUROC: values}))[AUROC]
@@ -70,15 +60,47 @@ def test_holm_directly():
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
     adjusted = holm([0.01, float("nan"), 0.04, 0.03])
     assert math.isnan(adjusted[1]) and [adjusted[0], adjusted[2], adjusted[3]] == pytest.approx([0.03, 0.06, 0.06])
+    # m = 4, by hand: sorted 0.005 x 4 = 0.02, 0.01 x 3 = 0.03, 0.03 x 2 = 0.06, 0.04 x 1 = 0.04, which the
+    # running maximum raises to 0.06 (an adjusted p never falls below that of a smaller p).
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    # capped at 1: 0.6 x 2 = 1.2 -> 1, and 0.7 x 1 = 0.7 raised to 1 by the running maximum
+    assert holm([0.7, 0.6]) == pytest.approx([1.0, 1.0])
+    assert holm([0.2, 0.9]) == pytest.approx([0.4, 0.9])
 
 
-def test_holm_over_the_family_of_effects(tmp_path):
+# The p-value of each effect below, given by a stand-in t_test keyed by the effect's first value, so that
+# the family's Holm values are the hand-computed ones of test_holm_directly: sorted, d 0.005 x 4 = 0.02,
+# a 0.01 x 3 = 0.03, c 0.03 x 2 = 0.06, b 0.04 x 1 = 0.04 -> 0.06 (running maximum). The two untested
+# effects (two runs; no spread) have no p, are not of the family (m = 4, not 6) and get no Holm p.
+FAMILY = {"a": [1.0, 2.0, 3.0], "two runs": [13.0, 14.0, "absent"], "b": [4.0, 5.0, 6.5],
+          "no spread": [0.7, 0.7, 0.7], "c": [7.0, 8.0, 9.5], "d": [10.0, 11.0, 12.5]}
+FAMILY_P = {1.0: 0.01, 4.0: 0.04, 7.0: 0.03, 10.0: 0.005}
+FAMILY_HOLM = {"a": 0.03, "b": 0.06, "c": 0.06, "d": 0.02}
+
+
+def test_holm_over_the_family_of_effects(tmp_path, monkeypatch):
+    asked = []
+
+    def t_test(values, null):
+        asked.append(values[0])
+        return FAMILY_P[values[0]]  # a KeyError for an effect that should not be tested
+
+    monkeypatch.setattr(ns, "t_test", t_test)
+    rows = rows_of(runs_of(tmp_path, FAMILY))
+    assert list(rows) == list(FAMILY) and sorted(asked) == sorted(FAMILY_P)
+    assert {name: rows[name]["p"] for name in FAMILY_HOLM} == {"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.005}
+    assert {name: rows[name]["p_holm"] for name in FAMILY_HOLM} == pytest.approx(FAMILY_HOLM)
+    assert math.isnan(rows["two runs"]["p_holm"]) and math.isnan(rows["no spread"]["p_holm"])
+
+
+def test_holm_over_real_t_tests(tmp_path):
     columns = {AUROC: [0.61, 0.74, 0.58, 0.82], RATIO: [1.3, 0.9, 1.6, 1.2], RHO: [0.02, 0.2, -0.1, 0.15]}
     rows = rows_of(runs_of(tmp_path, columns))
-    p = [scipy_stats.ttest_1samp(vs, NULLS[name]).pvalue for name, vs in columns.items()]
-    assert [rows[name]["p"] for name in columns] == pytest.approx(p)
-    assert [rows[name]["p_holm"] for name in columns] == pytest.approx(by_hand_holm(p))
-    assert rows[AUROC]["p_holm"] == pytest.approx(3 * rows[AUROC]["p"])  # the smallest p, times m = 3
+    p_auroc, p_ratio, p_rho = [scipy_stats.ttest_1samp(vs, NULLS[name]).pvalue for name, vs in columns.items()]
+    assert [rows[name]["p"] for name in columns] == pytest.approx([p_auroc, p_ratio, p_rho])
+    assert p_auroc < p_ratio < p_rho  # 0.044, 0.18, 0.39: Holm's factors 3, 2, 1 in this order
+    assert [rows[name]["p_holm"] for name in columns] == pytest.approx([3 * p_auroc, 2 * p_ratio, p_rho])
+    assert 3 * p_auroc < 2 * p_ratio < p_rho  # (so the running maximum changes nothing)
 
 
 def test_an_effect_of_two_runs_is_flagged_and_left_out_of_the_family(tmp_path):
@@ -87,8 +109,9 @@ def test_an_effect_of_two_runs_is_flagged_and_left_out_of_the_family(tmp_path):
     rows = rows_of(runs_of(tmp_path, columns))
     assert rows["extra"]["n"] == 2 and math.isnan(rows["extra"]["p"]) and math.isnan(rows["extra"]["p_holm"])
     assert rows["extra"]["flags"] == ["fewer than 3 runs: not tested"]
-    p = [scipy_stats.ttest_1samp(columns[name], NULLS[name]).pvalue for name in (AUROC, RATIO)]
-    assert [rows[AUROC]["p_holm"], rows[RATIO]["p_holm"]] == pytest.approx(by_hand_holm(p))  # m = 2, not 3
+    p_auroc, p_ratio = [scipy_stats.ttest_1samp(columns[name], NULLS[name]).pvalue for name in (AUROC, RATIO)]
+    assert 2 * p_auroc < p_ratio  # 0.044, 0.18: factors 2 and 1 (m = 2, not 3)
+    assert [rows[AUROC]["p_holm"], rows[RATIO]["p_holm"]] == pytest.approx([2 * p_auroc, p_ratio])
 
 
 def test_runs_that_agree_exactly_are_flagged_not_tested(tmp_path):
@@ -179,8 +202,40 @@ def test_no_out_writes_nothing(tmp_path):
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
-def test_forest_plot(tmp_path):
+def test_forest_plot(tmp_path, monkeypatch):
+    """The figure's data, read back from its lines: one panel per null (sorted), a row per effect in
+    the table's order; each run's value a dot, the mean (a diamond) and its t-interval (a line)
+    computed here by hand, black where tested and gray where not, the null a red vertical line."""
     pytest.importorskip("matplotlib")
-    paths = runs_of(tmp_path, {AUROC: [0.61, 0.74, 0.58], RATIO: [1.3, 0.9, 1.6], RHO: [0.1, "absent", 0.2]})
+    from matplotlib.colors import to_rgba
+    columns = {AUROC: [0.61, 0.74, 0.58], RATIO: [1.3, 0.9, 1.6], RHO: [0.1, "absent", 0.2],
+               "extra": [0.3, -0.2, 0.5]}  # null 0, RHO's panel
+    paths = runs_of(tmp_path, columns)
+    drawn, write_figure = [], ns.write_figure
+    monkeypatch.setattr(ns, "write_figure", lambda fig, *a, **k: (drawn.append(fig), write_figure(fig, *a, **k)))
     assert ns.main([*paths, "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "forest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (fig,) = drawn
+    axes = fig.get_axes()
+    panels = {0.0: [RHO, "extra"], 0.5: [AUROC], 1.0: [RATIO]}
+    assert len(axes) == 3
+    for ax, (null, names) in zip(axes, panels.items()):
+        assert ax.get_title().startswith(f"null {null:g} (red)")
+        assert [t.get_text().replace("\n", " ") for t in ax.get_yticklabels()] == names
+        lines = ax.get_lines()
+        (red,) = [l for l in lines if to_rgba(l.get_color()) == to_rgba("tab:red")]
+        assert list(red.get_xdata()) == [null, null]
+        for y, name in enumerate(names):
+            values = [v for v in columns[name] if v != "absent"]
+            n, mean = len(values), np.mean(values)
+            half = scipy_stats.t.ppf(0.975, n - 1) * np.std(values, ddof=1) / np.sqrt(n)
+            colour = to_rgba("black" if n >= 3 else "gray")  # RHO, of two runs, is not tested
+            at_y = [l for l in lines if l is not red and set(l.get_ydata()) == {y}]
+            dots = [l for l in at_y if l.get_marker() == "o"]
+            diamond = [l for l in at_y if l.get_marker() == "D"]
+            bar = [l for l in at_y if l.get_marker() in ("None", "", None) and l.get_linestyle() == "-"]
+            assert len(dots) == len(diamond) == len(bar) == 1 and len(at_y) == 3, name
+            assert list(dots[0].get_xdata()) == pytest.approx(values), name
+            assert list(diamond[0].get_xdata()) == pytest.approx([mean]), name
+            assert list(bar[0].get_xdata()) == pytest.approx([mean - half, mean + half]), name
+            assert to_rgba(bar[0].get_color()) == to_rgba(diamond[0].get_color()) == colour, name
