@@ -63,3 +63,17 @@ def test_a_log_file_holds_no_progress_bar_frames(mnist_root, tmp_path):
     assert b"\r" not in text, text.decode()[-2000:]
     lines = text.decode().splitlines()
     assert sum(line.startswith("epoch=") for line in lines) == 2, "\n".join(lines)  # one line per epoch
+
+
+def test_ci_runs_the_readme_s_set_up_and_both_requirement_files_list_the_same_packages():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    block = readme[readme.index("## Set up"):].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [line.split("#")[0].strip() for line in block.splitlines()]
+    install = next(c for c in commands if c.startswith("pip install"))
+    test = next(c for c in commands if "pytest" in c)
+    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    assert install.replace("pip install", "python -m pip install --quiet --disable-pip-version-check") in ci
+    assert test in ci.splitlines()
+    txt = [l.strip() for l in open(os.path.join(ROOT, "requirements.txt")) if l.strip() and not l.startswith("#")]
+    yaml = [l.strip()[2:] for l in open(os.path.join(ROOT, "requirements.yaml")) if l.startswith("      - ")]
+    assert txt == yaml and any(p.startswith("pytest") for p in txt)
