@@ -97,12 +97,13 @@ def cell(rows, key):
 
 
 def welch(a, b, level=0.95):
-    """mean(a) - mean(b) and its Welch t-interval (a and b: one value per seed)."""
+    """mean(a) - mean(b) and its Welch t-interval (a and b: one value per seed). Where every seed of
+    both gives one value there is no spread to make an interval of: (diff, None, None)."""
     a, b = np.asarray(a, float), np.asarray(b, float)
     va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
     diff, se = a.mean() - b.mean(), np.sqrt(va + vb)
     if se == 0:
-        return diff, diff, diff
+        return diff, None, None
     df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
     half = stats.t.ppf(0.5 + level / 2, df) * se
     return diff, diff - half, diff + half
@@ -130,7 +131,7 @@ def welch_cells(first, second, columns):
             cells.append("-")
             continue
         d, lo, hi = welch(a, b)
-        cells.append(f"{_fmt(d)} [{_fmt(lo)}, {_fmt(hi)}]")
+        cells.append(f"{_fmt(d)}, identical in every seed" if lo is None else f"{_fmt(d)} [{_fmt(lo)}, {_fmt(hi)}]")
     return cells
 
 

@@ -171,6 +171,15 @@ def test_rule_comparison_groups_seeds_and_gives_the_welch_difference(tmp_path, c
     assert "| adversarial - wake-sleep, gamma 1 (95 % Welch) |" in out
 
 
+def test_seeds_with_no_spread_are_printed_as_identical_not_as_an_interval():
+    assert rule_comparison.welch([1.0, 1.0, 1.0], [1.0, 1.0]) == (0.0, None, None)
+    rows = [{"ts_h1": 1.0}, {"ts_h1": 1.0}]
+    other = [{"ts_h1": 1.0}, {"ts_h1": 1.0}, {"ts_h1": 1.0}]
+    assert rule_comparison.welch_cells(rows, other, [("ts_h1", "h1")]) == ["0.000, identical in every seed"]
+    spread = [{"ts_h1": 0.9}, {"ts_h1": 1.0}]
+    assert rule_comparison.welch_cells(spread, other, [("ts_h1", "h1")])[0].startswith("-0.050 [")
+
+
 def _matching_run(folder, seed, lamda, h1, epochs=2):
     """A run folder with the files experiments/matching.py reads, its numbers made up; made before
     the noise options existed (its config does not name them)."""
