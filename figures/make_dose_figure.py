@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from neuromodulation import plot_dose  # noqa: E402
+from neuromodulation_report import plot_dose  # noqa: E402
 
 
 def main(argv=None):

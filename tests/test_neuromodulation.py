@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import neuromodulation as nm
+import neuromodulation_records as nr
 import neuromodulation_experiments as ex
 import recording
 import stats
@@ -110,7 +111,7 @@ def test_familiarization_effects_by_hand():
     shown = np.tile([0, 1], (20, 1))
     shown[5, 1] = -1
     stream = ex.Stream(signal, signal * 10, shown)
-    effects = nm.familiarization_effects(stream)
+    effects = nr.familiarization_effects(stream)
     e = effects["signal"]
     assert effects["novel_insertions"] == 1
     assert e["repeated_first_tenth"] == pytest.approx(1.25) and e["repeated_last_tenth"] == pytest.approx(0.25)
@@ -128,8 +129,8 @@ def test_the_unit_of_habituation_is_the_stream():
     for change in (-1.0, -2.0, -3.0):
         signal = np.zeros((10, 50))
         signal[-1] = change  # the last tenth (one step) of every image moved by `change`
-        per_stream.append(nm.familiarization_effects(ex.Stream(signal, signal, np.tile(np.arange(50), (10, 1)))))
-    habituation = nm.familiarization_record(per_stream)["across_streams"]["signal"]["habituation"]
+        per_stream.append(nr.familiarization_effects(ex.Stream(signal, signal, np.tile(np.arange(50), (10, 1)))))
+    habituation = nr.familiarization_record(per_stream)["across_streams"]["signal"]["habituation"]
     half = 4.302652729911275 * 1.0 / np.sqrt(3)  # t(0.975, 2) sd / sqrt(n), sd of (-1, -2, -3) = 1
     assert habituation["n"] == 3 and habituation["mean"] == pytest.approx(-2.0)
     assert habituation["low"] == pytest.approx(-2.0 - half) and habituation["high"] == pytest.approx(-2.0 + half)

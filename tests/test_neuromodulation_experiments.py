@@ -10,6 +10,8 @@ import torch
 import losses
 import neuromodulation as nm
 import neuromodulation_experiments as ex
+import neuromodulation_records as nr
+import neuromodulation_report as report
 import recording
 from conftest import make_checkpoint
 from losses import StepConfig
@@ -92,19 +94,19 @@ def test_the_gradient_into_f_is_autograds_of_gamma_mean_d():
 def test_an_interval_over_fewer_than_ten_batches_is_flagged(capsys):
     rng = np.random.default_rng(0)
     a, b = rng.normal(1, 1, 40), rng.normal(0, 1, 40)
-    assert nm.compare(a, b, 50, 0, batch_size=20)["few_batches"]  # 2 batches
-    assert not nm.compare(a, b, 50, 0, batch_size=4)["few_batches"]  # 10 batches
+    assert nr.compare(a, b, 50, 0, batch_size=20)["few_batches"]  # 2 batches
+    assert not nr.compare(a, b, 50, 0, batch_size=4)["few_batches"]  # 10 batches
     probes, mates = rng.normal(1, 1, 2 * 9), rng.normal(0, 1, 6 * 9)
-    odd = nm.oddball_compare(probes, mates, per_batch=2)
+    odd = nr.oddball_compare(probes, mates, per_batch=2)
     assert odd["batches"] == 9 and odd["few_batches"]
-    by_hand = np.mean([nm.auroc(p, m) for p, m in zip(probes.reshape(9, 2), mates.reshape(9, 6))])
+    by_hand = np.mean([nr.auroc(p, m) for p, m in zip(probes.reshape(9, 2), mates.reshape(9, 6))])
     assert odd["auroc"] == pytest.approx(by_hand)
     record = {"condition": "c", "signal": {"mean": 1, "sd": 1}, "gate": {"mean": 1, "sd": 1},
               "surprisal": {"mean": 1, "sd": 1}, "signal_gate_spearman": {"rho": 0.1, "ci": [0, 0.2]},
-              "whole_batch": {k: nm.compare(a, b, 50, 0, 20) for k in ("signal", "gate", "surprisal")},
+              "whole_batch": {k: nr.compare(a, b, 50, 0, 20) for k in ("signal", "gate", "surprisal")},
               "oddball": {k: odd for k in ("signal", "gate", "surprisal")}, "batch_effect": dict.fromkeys(
                   ("signal", "gate", "surprisal"), 0.0)}
-    nm.print_novelty([record])
+    report.print_novelty([record])
     out = capsys.readouterr().out
     assert "]*" in out and "fewer than 10 scored batches" in out
 
@@ -147,7 +149,7 @@ def test_plasticity_ratios_are_one_for_the_familiar_condition_itself(mnist_root,
     s = _setup(make_checkpoint(tmp_path / "run", "mnist", mnist_root))
     x = s.images(True, 32, "familiar")
     found = ex.plasticity(s, [(ex.FAMILIAR, x), ("the same images", x.clone())])
-    records = nm.plasticity_records(s, found)
+    records = nr.plasticity_records(s, found)
     ratio = records[1]["ratio_to_familiar"]
     # the same images from the same seed would give 1 exactly; the noise of F's passes differs
     assert ratio["gradient"] == pytest.approx(1.0, rel=0.2) and ratio["update_1"] == pytest.approx(1.0, rel=0.2)
