@@ -104,8 +104,9 @@ def spawn(argv, out):
 
 
 def torchrun(argv, out):
-    """Train with WORLD processes started by torchrun (environment variables, env://)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    """Train with WORLD processes started by torchrun (environment variables, env://); the progress bar
+    drawn into the pipe too (AWS_PROGRESS=1), so that a test can see which ranks draw one."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "AWS_PROGRESS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_addr",
            "127.0.0.1", "--master_port", str(distributed.free_port()), os.path.join(ROOT, "train.py"),
            *argv, "--out", str(out)]
