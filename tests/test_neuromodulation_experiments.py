@@ -136,6 +136,29 @@ def test_a_run_on_some_classes_gets_a_novel_class_condition_and_its_controls(mni
     assert all(r["classes"] == [0, 1, 2] for r in records)
 
 
+def _labels_of(images, split_images, split_labels):
+    """The label of each image, found by its exact pixels in the split (images in [-1, 1])."""
+    as_uint8 = ((images.cpu() + 1) * 127.5).round().to(torch.uint8).flatten(1)
+    table = {bytes(row.numpy()): int(y) for row, y in zip(split_images.flatten(1), split_labels)}
+    return [table.get(bytes(row.numpy())) for row in as_uint8]
+
+
+def test_the_novel_class_condition_holds_test_images_of_the_left_out_classes_only(mnist_root, tmp_path):
+    from data import load_in_memory
+    s = _setup(make_checkpoint(tmp_path / "run", "mnist", mnist_root, "--classes", "0", "1", "2"))
+    conditions = dict(ex.novelty_inputs(s))
+    novel_class = conditions["novel class: test split, labels 3 4 5 6 7 8 9"]
+    test_split = load_in_memory("mnist", mnist_root, 32, train=False)
+    test_labels = _labels_of(novel_class, *test_split)
+    left_out = int((test_split[1] >= 3).sum())  # up to n images: all of the left-out classes' here
+    assert len(novel_class) == min(s.args.n_images, left_out) and None not in test_labels
+    assert set(test_labels) <= set(range(3, 10)) and len(set(test_labels)) > 1
+    familiar = _labels_of(conditions[ex.FAMILIAR], *load_in_memory("mnist", mnist_root, 32, train=True))
+    assert None not in familiar and set(familiar) <= {0, 1, 2}
+    novel = _labels_of(conditions["novel: test split"], *load_in_memory("mnist", mnist_root, 32, train=False))
+    assert None not in novel and set(novel) <= {0, 1, 2}  # new exemplars of the trained classes
+
+
 def test_a_control_of_another_architecture_is_refused_before_any_work(mnist_root, tmp_path, capsys, monkeypatch):
     scored = []
     monkeypatch.setattr(recording, "record_passes", lambda *a: scored.append(a))
@@ -146,11 +169,18 @@ def test_a_control_of_another_architecture_is_refused_before_any_work(mnist_root
 
 
 def test_plasticity_ratios_are_one_for_the_familiar_condition_itself(mnist_root, tmp_path):
+    """The measured path once (its sizes), then the ratios on recordings of known values."""
     s = _setup(make_checkpoint(tmp_path / "run", "mnist", mnist_root))
     x = s.images(True, 32, "familiar")
     found = ex.plasticity(s, [(ex.FAMILIAR, x), ("the same images", x.clone())])
-    records = nr.plasticity_records(s, found)
-    ratio = records[1]["ratio_to_familiar"]
-    # the same images from the same seed would give 1 exactly; the noise of F's passes differs
-    assert ratio["gradient"] == pytest.approx(1.0, rel=0.2) and ratio["update_1"] == pytest.approx(1.0, rel=0.2)
     assert len(found[ex.FAMILIAR]["gradient"]) == 4 and found[ex.FAMILIAR]["update_n"] > 0
+    known = {ex.FAMILIAR: {"gradient": [1.0, 3.0], "update_1": 0.5, "update_n": 4.0},
+             "same": {"gradient": [1.0, 3.0], "update_1": 0.5, "update_n": 4.0},
+             "odd": {"gradient": [3.0, 5.0], "update_1": 0.25, "update_n": 12.0}}
+    records = {r["condition"]: r for r in nr.plasticity_records(s, known)}
+    assert "ratio_to_familiar" not in records[ex.FAMILIAR]
+    assert records["same"]["ratio_to_familiar"]["gradient"] == 1.0
+    odd = records["odd"]["ratio_to_familiar"]
+    # mean gradient 4 over 2, the one-step update 0.25 over 0.5, the sustained one 12 over 4
+    assert (odd["gradient"], odd["update_1"], odd["update_n"], odd["gradient_batches"]) == (2.0, 0.5, 3.0, 2)
+    assert [e["value"] for e in records["odd"]["effects"]] == [2.0, 0.5, 3.0]
