@@ -100,7 +100,7 @@ def check_args(args, parser):
         parser.error("; ".join(problems))
 
 
-# --- Effects ----------------------------------------------------------------------------------------
+# --- The run: its networks, the experiments in order, the records written ------------------------
 
 def setup(args):
     """Checkpoint, networks, the run's flags and the step's D path; the dataset the model trained on."""

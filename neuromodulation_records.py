@@ -221,6 +221,3 @@ def familiarization_record(per_stream):
                for key in ("signal", "gate") for m, null in FAMILIARIZATION_MEASURES if m in across[key]]
     return {"experiment": "familiarization", "condition": "streams", "streams": len(per_stream),
             "per_stream": per_stream, "across_streams": across, "effects": effects}
-
-
-# --- Tables -------------------------------------------------------------------------------------------

@@ -180,6 +180,3 @@ def plot_familiarization(stream, path):
     fig.suptitle("familiarization: training on a repeated set (the first stream)")
     fig.tight_layout()
     write_figure(fig, plt, path)
-
-
-# --- The script -------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 
     python figures/make_dose_figure.py RUN/neuromodulation/records.json --out figures/neuromodulation_dose_response.png
 
-The figure is neuromodulation.plot_dose's: per axis, the trained model and its controls against
+The figure is neuromodulation_report.plot_dose's: per axis, the trained model and its controls against
 the level. Needs matplotlib.
 """
 import argparse

@@ -1,7 +1,10 @@
 """neuromodulation.py: its recordings against the training step's own code and autograd, its
 effect sizes against hand-computed values, and its promises (own batches, seeds, the file untouched)."""
+import contextlib
 import dataclasses
 import hashlib
+import inspect
+import io
 import json
 import subprocess
 import sys
@@ -11,8 +14,9 @@ import pytest
 import torch
 
 import neuromodulation as nm
-import neuromodulation_records as nr
 import neuromodulation_experiments as ex
+import neuromodulation_records as nr
+import neuromodulation_report as report
 import recording
 import stats
 import train
@@ -283,3 +287,73 @@ def test_importing_train_does_not_import_the_experiments_script():
              "'train imports the experiments'")
     done = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+# --- The split by job: the command line calls neuromodulation_records.py and neuromodulation_report.py ---
+
+COMMON = {"checkpoint", "epoch", "model", "dataset", "data", "classes", "d_gradients", "batch_size", "flags", "time"}
+
+
+def test_the_command_line_makes_no_record_table_or_figure_of_its_own():
+    """neuromodulation.py defines only its command line and the run; every effect, table and figure it
+    uses is the one its module defines (a copy left behind in the script would show here)."""
+    functions = {n: f for n, f in vars(nm).items() if inspect.isfunction(f)}
+    own = {n for n, f in functions.items() if f.__module__ == "neuromodulation"}
+    assert own == {"get_parser", "check_args", "setup", "control_networks", "run_experiments", "neuromodulation",
+                   "main"}
+    used = {n: f.__module__ for n, f in functions.items() if f.__module__.startswith("neuromodulation_")}
+    assert {n for n, m in used.items() if m == "neuromodulation_records"} == {
+        "wake_sleep_records", "novelty_records", "dose_records", "plasticity_records", "familiarization_effects",
+        "familiarization_record"}
+    assert {n for n, m in used.items() if m == "neuromodulation_report"} == {
+        "print_wake_sleep", "print_novelty", "print_dose", "print_plasticity", "print_familiarization",
+        "plot_conditions", "plot_dose", "plot_familiarization"}
+
+
+def _direct(s, out):
+    """Every experiment's records, tables and figures by the records' and the report's functions, called
+    here on the experiments' results: {experiment: records}, the printed tables, the figures in out.
+    Plasticity before familiarization, as the run does: each continues the checkpoint's Adam state in
+    memory, which the one before has stepped (repeated runs agree: the same order)."""
+    inputs = ex.novelty_inputs(s)
+    conditions, reference = ex.wake_sleep(s)
+    whole, oddball = ex.novelty(s, inputs)
+    doses = ex.dose_inputs(s)
+    found = {"wake-sleep": nr.wake_sleep_records(s, conditions, reference),
+             "novelty": nr.novelty_records(s, whole, oddball),
+             "dose-response": nr.dose_records(s, "trained", ex.dose_response(s, s.nets, doses))
+             + nr.dose_records(s, "initialization", ex.dose_response(s, ex.initial_networks(s), doses)),
+             "plasticity": nr.plasticity_records(s, ex.plasticity(s, inputs))}
+    streams = [ex.familiarization(s, i) for i in range(s.args.streams)]
+    found["familiarization"] = [nr.familiarization_record([nr.familiarization_effects(st) for st in streams])]
+    tables = io.StringIO()
+    with contextlib.redirect_stdout(tables):
+        for name, show in (("wake-sleep", report.print_wake_sleep), ("novelty", report.print_novelty),
+                           ("dose-response", report.print_dose), ("plasticity", report.print_plasticity)):
+            show(found[name])
+            print("--")
+        report.print_familiarization(found["familiarization"][0])
+    report.plot_conditions("wake and sleep", conditions, str(out / "wake-sleep.png"))
+    report.plot_conditions("familiar, novel and out-of-distribution inputs (whole-batch)", list(whole.items()),
+                           str(out / "novelty.png"))
+    report.plot_dose(found["dose-response"], str(out / "dose-response.png"))
+    report.plot_familiarization(streams[0], str(out / "familiarization.png"))
+    return found, tables.getvalue().split("--\n")
+
+
+def test_a_run_writes_prints_and_draws_what_the_records_and_report_functions_make(trained, tmp_path, capsys):
+    run, direct = tmp_path / "run", tmp_path / "direct"
+    assert nm.main(["--path", str(trained), "--out", str(run), *SMALL]) == 0
+    printed = capsys.readouterr().out
+    direct.mkdir()
+    found, tables = _direct(nm.setup(nm.get_parser().parse_args(["--path", str(trained), *SMALL])), direct)
+    written = json.loads((run / "records.json").read_text())
+    expected = [r for e in nm.EXPERIMENTS for r in found[e]]
+    assert len(written) == len(expected)
+    for w, d in zip(written, expected):  # each written record: the function's, with the run's common fields
+        assert set(w) == set(d) | COMMON and json.dumps({k: w[k] for k in d}) == json.dumps(d)
+    assert all(table in printed for table in tables)
+    figures = sorted(p.name for p in run.glob("*.png"))
+    assert figures == sorted(p.name for p in direct.glob("*.png"))
+    for name in figures:
+        assert (run / name).read_bytes() == (direct / name).read_bytes(), name

@@ -1,4 +1,4 @@
-"""neuromodulation_experiments.py and the effects neuromodulation.py computes from it: the inputs of
+"""neuromodulation_experiments.py and the effects neuromodulation_records.py computes from it: the inputs of
 the dose-response, the oddball design, the surprisal, the gradient into F, the novel-class condition
 and the flag on intervals built on too few batches, each against a hand-computed value or autograd."""
 import json
@@ -136,27 +136,43 @@ def test_a_run_on_some_classes_gets_a_novel_class_condition_and_its_controls(mni
     assert all(r["classes"] == [0, 1, 2] for r in records)
 
 
-def _labels_of(images, split_images, split_labels):
-    """The label of each image, found by its exact pixels in the split (images in [-1, 1])."""
+def _indices_in(images, split_images):
+    """Each image's index in the split, found by its exact pixels (images in [-1, 1]; None: not there)."""
     as_uint8 = ((images.cpu() + 1) * 127.5).round().to(torch.uint8).flatten(1)
-    table = {bytes(row.numpy()): int(y) for row, y in zip(split_images.flatten(1), split_labels)}
+    table = {bytes(row.numpy()): i for i, row in enumerate(split_images.flatten(1))}
     return [table.get(bytes(row.numpy())) for row in as_uint8]
 
 
+def _drawn_from(images, split, classes, n):
+    """That the images are distinct images of the split, all of those classes' up to n of them; their labels."""
+    split_images, split_labels = split
+    found = _indices_in(images, split_images)
+    assert None not in found and len(set(found)) == len(found)  # of the split, none drawn twice
+    of_classes = sum(int(y) in classes for y in split_labels)
+    assert len(found) == min(n, of_classes)
+    labels = {int(split_labels[i]) for i in found}
+    assert labels <= set(classes)
+    return labels
+
+
 def test_the_novel_class_condition_holds_test_images_of_the_left_out_classes_only(mnist_root, tmp_path):
+    """Trained on 0 1 2: the familiar condition is training images of those, the novel one test images
+    of those, the novel class test images of 3..9; the two OOD controls are the novel images moved."""
     from data import load_in_memory
     s = _setup(make_checkpoint(tmp_path / "run", "mnist", mnist_root, "--classes", "0", "1", "2"))
     conditions = dict(ex.novelty_inputs(s))
-    novel_class = conditions["novel class: test split, labels 3 4 5 6 7 8 9"]
+    train_split = load_in_memory("mnist", mnist_root, 32, train=True)
     test_split = load_in_memory("mnist", mnist_root, 32, train=False)
-    test_labels = _labels_of(novel_class, *test_split)
-    left_out = int((test_split[1] >= 3).sum())  # up to n images: all of the left-out classes' here
-    assert len(novel_class) == min(s.args.n_images, left_out) and None not in test_labels
-    assert set(test_labels) <= set(range(3, 10)) and len(set(test_labels)) > 1
-    familiar = _labels_of(conditions[ex.FAMILIAR], *load_in_memory("mnist", mnist_root, 32, train=True))
-    assert None not in familiar and set(familiar) <= {0, 1, 2}
-    novel = _labels_of(conditions["novel: test split"], *load_in_memory("mnist", mnist_root, 32, train=False))
-    assert None not in novel and set(novel) <= {0, 1, 2}  # new exemplars of the trained classes
+    n = s.args.n_images
+    assert _drawn_from(conditions[ex.FAMILIAR], train_split, {0, 1, 2}, n) == {0, 1, 2}
+    novel = conditions["novel: test split"]
+    assert _drawn_from(novel, test_split, {0, 1, 2}, n) == {0, 1, 2}  # new exemplars of the trained classes
+    left_out = _drawn_from(conditions["novel class: test split, labels 3 4 5 6 7 8 9"], test_split, range(3, 10), n)
+    assert len(left_out) > 1
+    assert torch.equal(conditions["OOD: test split, contrast inverted"], -novel)
+    shuffled = conditions["OOD: test split, pixels shuffled"]
+    assert torch.equal(shuffled.flatten(1).sort().values, novel.flatten(1).sort().values)  # each its own pixels
+    assert not torch.equal(shuffled, novel)
 
 
 def test_a_control_of_another_architecture_is_refused_before_any_work(mnist_root, tmp_path, capsys, monkeypatch):
