@@ -16,7 +16,7 @@ import torch
 
 from data import DATASETS, DataError, channels_of
 from models import ModelConfig, Networks
-from utils import UserError, add_bool_flag, serialized, write_atomically
+from utils import UserError, add_bool_flag, isolated_rng, serialized, write_atomically
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"
 FORMAT = "adversarial-wake-sleep"
@@ -312,3 +312,11 @@ def load_networks(path, device, args=None):
             "divisive_normalization": args.divisive_normalization,
             "channels": channels_of(dataset) if dataset else None})
     return state, networks_from_checkpoint(state, device)
+
+
+def initial_networks(cfg, seed, device):
+    """The networks a run of this model and seed starts from (train.py: torch.manual_seed(seed), then
+    Networks(cfg)), untrained: the reference row of a measure, what it reads before any learning. The
+    caller's random numbers go on as if this had not run."""
+    with isolated_rng(seed):
+        return Networks(cfg).to(device)

@@ -16,17 +16,15 @@
 None of these needs the wake/sleep discriminator: a checkpoint without one is measured the same way.
 """
 import contextlib
-import sys
 
 import numpy as np
 import torch
 
 import fid
-from data import seeded_draw, to_unit_range
+from data import to_unit_range
 from sample_quality import features_and_probabilities
 from stats import auroc, mean_interval
 from step import training_mode
-from utils import isolated_rng
 
 KS = (5, 4, 3, 2, 1)  # the layer a reconstruction starts from: 5 is the whole hierarchy
 N_LAYERS = 6  # h0 (the image) .. h5
@@ -256,35 +254,3 @@ def null_two_sample(wake_batches, seed=0, **kwargs):
     half = len(order) // 2
     return wake_sleep_two_sample([wake_batches[i] for i in order[:half]],
                                  [wake_batches[i] for i in order[half:2 * half]], seed=seed, **kwargs)
-
-
-class MatchingDuringTraining:
-    """train.py --matching-every K: wake_sleep_two_sample of fixed training images' wake states against
-    fresh dreams, every K epochs, as metrics two_sample_<feature set> (metrics.csv, TensorBoard, the
-    curves figure): whether training brings wake and sleep together, and where it stalls. Its own
-    seeded random numbers, BatchNorm's running statistics untouched (wake_states, sleep_states): the
-    run's steps, and exact resume, are as without it."""
-
-    N_BATCHES = 10  # 5 pairs fitted, 5 scored: a tenth of measure_inference's cost, a wider interval
-
-    def __init__(self, images, batch_size, device):
-        self.images = images.to(device).split(batch_size)
-        self.batch_size, self.device = batch_size, device
-
-    @classmethod
-    def of_run(cls, images, batch_size, device):
-        """For a run's training images (a tensor, or None where they are not held in memory); None,
-        said once, where there are fewer than the 4 batches the test needs."""
-        n = (len(images) // batch_size if images is not None else 0)
-        if n < 4:
-            print(f"note: --matching-every needs at least 4 batches of -b {batch_size} training images held "
-                  f"in memory (digits, MNIST, CIFAR-10); not measured", file=sys.stderr)
-            return None
-        return cls(seeded_draw(images, min(n, cls.N_BATCHES) * batch_size, seed=2), batch_size, device)
-
-    def __call__(self, nets):
-        with isolated_rng(2):
-            wake = wake_states(nets, self.images)
-            sleep = sleep_states(nets, len(wake), self.batch_size, self.device)
-        found = wake_sleep_two_sample(wake, sleep, seed=2)
-        return {f"two_sample_{name}": r["accuracy"] for name, r in found.items()}

@@ -12,9 +12,15 @@ discriminator):
 - wake/sleep two-sample tests: a fresh linear classifier telling wake states of --n training
   images from sleep states of --n dreams (training mode, batches of -b, whole batches held out),
   per layer, per adjacent pair and on the whole state, each beside the same test between two
-  random halves of 2 x --n training images (the null).
-Prints a table; writes inference_measures.json and reconstructions.png into --out (default:
-inference/ beside the checkpoint). The checkpoint's networks are not changed.
+  random halves of 2 x --n training images (the null);
+- the graded wake/sleep distance of the same states (matching_metrics.py) with its permutation null
+  over whole batches, and both measures for the same networks at initialization (the reference row);
+- where the match breaks, block by block: G's fit of each inferred layer, G's descent from wake
+  states of other images, and F on G's own dreams (the positive control).
+Images, splits, permutations and the networks' noise are drawn from --seed (default: the run's own
+seed), so a rerun under another seed is an independent draw. Prints the tables; writes
+inference_measures.json and reconstructions.png into --out (default: inference/ beside the
+checkpoint). The checkpoint's networks are not changed.
 """
 import argparse
 import datetime
@@ -26,12 +32,14 @@ import torch
 from torchvision.utils import make_grid
 
 import inference_metrics as im
-from checkpoint import add_architecture_flags, add_checkpoint_flags, dataset_of, load_networks, resolve_checkpoint_path
+import matching_metrics as mm
+from checkpoint import (add_architecture_flags, add_checkpoint_flags, dataset_of, initial_networks, load_networks,
+                        resolve_checkpoint_path)
 from data import DataMissing, make_batches
 from sample_quality import DATASETS_MEASURED, QualityMeasure
 from stats import mean_interval, proportion_interval
-from utils import (HelpFormatter, UserError, pick_device, pyplot, run_main, save_grid, to_unit_interval, write_figure,
-                   write_json)
+from utils import (HelpFormatter, UserError, isolated_rng, pick_device, pyplot, run_main, save_grid, to_unit_interval,
+                   write_figure, write_json)
 
 FIGURE_COLUMNS = 10  # test images shown in reconstructions.png
 
@@ -47,7 +55,11 @@ def get_parser():
     p.add_argument("-b", "--batch-size", type=int, default=100,
                    help="batch of every training-mode pass (BatchNorm's batch statistics, as in training)")
     p.add_argument("--out", default=None, metavar="DIR", help="default: inference/ beside the checkpoint")
-    p.add_argument("--seed", type=int, default=0, help="seed of the images drawn, the networks' noise and the splits")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the images drawn, the networks' noise, the splits and the permutations "
+                        "(default: the run's own training seed)")
+    p.add_argument("--permutations", type=int, default=mm.PERMUTATIONS,
+                   help="of the graded distance's null, per test (999: p-values down to 0.002)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--gpu", type=int, default=None, help="CUDA device index (implies --device cuda)")
     return p
@@ -60,6 +72,8 @@ def check_args(args, parser):
     elif args.n < 4 * args.batch_size:
         problems.append(f"--n {args.n} is less than 4 batches of -b {args.batch_size}: the two-sample tests fit "
                         f"on 2 batches of each kind and score 2 others")
+    if args.permutations < 19:
+        problems.append(f"--permutations must be at least 19 (a p-value down to 0.05), got {args.permutations}")
     if problems:
         parser.error("; ".join(problems))
 
@@ -83,7 +97,8 @@ def draw_batches(dataset, root, image_size, batch_size, n, seed, train):
 
 def two_sample_tests(nets, args, dataset, data, device):
     """Wake/sleep two-sample test and its null: ({set: result}, {set: result}, states per kind, what
-    differs between the tested wake and sleep states (differences))."""
+    differs between the tested wake and sleep states (differences), (training batches, wake states,
+    sleep states) for the graded measures)."""
     train = draw_batches(dataset, data, nets.cfg.image_size, args.batch_size, 2 * args.n, args.seed, train=True)
     n_batches = min(args.n // args.batch_size, len(train) // 2)
     if n_batches < 4:
@@ -95,9 +110,26 @@ def two_sample_tests(nets, args, dataset, data, device):
     try:
         return (im.wake_sleep_two_sample(wake[:n_batches], sleep, seed=args.seed),
                 im.null_two_sample(wake, seed=args.seed), n_batches * args.batch_size,
-                differences(nets, wake[:n_batches], sleep))
+                differences(nets, wake[:n_batches], sleep), (train[:n_batches], wake, sleep))
     except ValueError as e:  # scikit-learn refuses non-finite features
         raise UserError(f"cannot run the two-sample tests: {e}") from None
+
+
+def graded_measures(nets, state, args, states, device):
+    """The graded distance with its null, the same two measures for the networks at initialization,
+    and the block diagnostics (matching_metrics), on the two-sample tests' states: the tested wake
+    states, the other half of the training images' wake states (the start of G's descents), the dreams."""
+    train, wake, sleep = states
+    n, P, seed = len(sleep), args.permutations, args.seed
+    untrained = initial_networks(nets.cfg, state.get("seed") or 0, device)
+    initial_wake = im.wake_states(untrained, (x.to(device) for x, _ in train))
+    initial_sleep = im.sleep_states(untrained, n, args.batch_size, device)
+    return {"distance": mm.graded_distance(wake[:n], sleep, permutations=P, seed=seed),
+            "untrained": {"wake_vs_sleep": im.wake_sleep_two_sample(initial_wake, initial_sleep, seed=seed),
+                          "distance": mm.graded_distance(initial_wake, initial_sleep, permutations=P, seed=seed)},
+            "generator_fit": mm.generator_fit(nets, wake[:n], sleep),
+            "descents": mm.descents_from_wake(nets, wake[:n], wake[n:2 * n], P, seed),
+            "positive_control": mm.positive_control(nets, sleep, P, seed)}
 
 
 def differences(nets, wake, sleep):
@@ -174,10 +206,40 @@ def print_report(rec):
     print(f"\nwake/sleep two-sample test: {rec['n_per_kind']} wake and {rec['n_per_kind']} sleep states in batches "
           f"of {rec['batch_size']}, training mode; a fresh classifier fitted on half the batches, accuracy on the "
           f"others (0.5 = indistinguishable); null: two halves of the training images")
-    print(f"{'states':>8}  {'wake vs sleep':<24}  null: wake vs wake")
+    untrained = rec["graded"]["untrained"]
+    print(f"{'states':>8}  {'wake vs sleep':<24}  {'null: wake vs wake':<24}  untrained networks: wake vs sleep")
     for name, r in rec["wake_vs_sleep"].items():
-        print(f"{name:>8}  {_interval(r, 'accuracy'):<24}  {_interval(rec['null'][name], 'accuracy')}")
+        print(f"{name:>8}  {_interval(r, 'accuracy'):<24}  {_interval(rec['null'][name], 'accuracy'):<24}  "
+              f"{_interval(untrained['wake_vs_sleep'][name], 'accuracy')}")
+    print_graded(rec["graded"], rec["permutations"])
     print_differences(rec["differences"])
+
+
+def _distance(r):
+    return f"{r['distance']:.4f} ({r['null_99']:.4f}, p {r['p']:.3f})"
+
+
+def print_graded(graded, permutations):
+    print(f"\ngraded wake/sleep distance H of the same states (0: matched, 1 at most); in brackets the 99th "
+          f"percentile of its null ({permutations} permutations of whole batches) and the p-value")
+    print(f"{'states':>8}  {'trained':<28}  untrained networks")
+    for name, r in graded["distance"].items():
+        print(f"{name:>8}  {_distance(r):<28}  {_distance(graded['untrained']['distance'][name])}")
+    print("\nwhere the match breaks, block k of G: the fraction of the inferred h(k-1)'s variance that G's noiseless "
+          "block of the inferred hk explains; the residual's rms on wake states against G's own (sleep states); "
+          "H of G's descent from wake hk of other images to each layer below, against wake states (* p > 0.01)")
+    print(f"{'k':>3}  {'explained':>9}  {'residual rms':>17}  descent from wake hk: H at h(k-1), .., h0")
+    for k, fit in graded["generator_fit"].items():
+        descent = graded["descents"][k]
+        below = "  ".join(f"{descent[f'h{l}']['distance']:.4f}{'*' if descent[f'h{l}']['p'] > 0.01 else ' '}"
+                          for l in range(int(k) - 1, -1, -1))
+        print(f"{k:>3}  {fit['explained']:>9.3f}  {fit['residual_rms_wake']:>8.4f}/{fit['residual_rms_sleep']:<8.4f}  "
+              f"{below}")
+    control = graded["positive_control"]
+    print(f"\npositive control, F on G's own dreams against the states dreamed: per layer H (null 99th percentile, p) "
+          f"and the relative error; F's h5 recovers {control['top_r2']:.3f} of the variance of N(z)")
+    for l in range(1, im.N_LAYERS):
+        print(f"{'h' + str(l):>8}  {_distance(control[l]):<28}  relative error {control[l]['relative_error']:.3f}")
 
 
 def print_differences(differ):
@@ -210,14 +272,18 @@ def setup(args):
 def measure(args):
     start = time.time()
     path, state, nets, device, dataset, data = setup(args)
+    if args.seed is None:
+        args.seed = state.get("seed") or 0
     out = args.out or os.path.join(os.path.dirname(path), "inference")
     classifier = None
     if dataset in DATASETS_MEASURED:  # trained on its first use, then read from its cache
         classifier = QualityMeasure(dataset, data, nets.cfg.image_size, cache_dirs=[os.path.dirname(path)]).net
     torch.manual_seed(args.seed)  # F's and G's noise, and z
-    wake_vs_sleep, null, n_per_kind, differ = two_sample_tests(nets, args, dataset, data, device)
+    wake_vs_sleep, null, n_per_kind, differ, states = two_sample_tests(nets, args, dataset, data, device)
     images, labels, split = images_to_reconstruct(nets, args, dataset, data)
     reconstruction, inputs = reconstruction_measures(nets, images, labels, classifier, device)
+    with isolated_rng(args.seed + 1):  # random numbers of their own: the measures above read as they did before
+        graded = graded_measures(nets, state, args, states, device)
     os.makedirs(out, exist_ok=True)
     save_figure(nets, images, device, os.path.join(out, "reconstructions.png"))
     rec = {"checkpoint": os.path.abspath(path), "epoch": state.get("epoch"), "model": state["model"],
@@ -226,7 +292,7 @@ def measure(args):
            "n_reconstructed": sum(len(x) for x in images),
            "reconstruction": {str(k): m for k, m in reconstruction.items()},
            "label_agreement_of_inputs": inputs, "wake_vs_sleep": wake_vs_sleep, "null": null,
-           "differences": differ,
+           "permutations": args.permutations, "graded": graded, "differences": differ,
            "time": datetime.datetime.now().isoformat(timespec="seconds")}
     print_report(rec)
     rec["seconds"] = round(time.time() - start, 1)

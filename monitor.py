@@ -70,7 +70,8 @@ def plot_curves(history, path):
     col = lambda k: [float(r[k]) for r in history]  # noqa: E731
     measured = [r for r in history if r.get("fd") not in (None, "")]  # --quality-every's epochs
     matched = [r for r in history if r.get("two_sample_whole") not in (None, "")]  # --matching-every's
-    n = 3 + bool(measured) + bool(matched)
+    graded = [r for r in matched if r.get("distance_whole") not in (None, "")]
+    n = 3 + bool(measured) + bool(matched) + bool(graded)
     fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.4))
     has_d = any(col("d_wake")) or any(col("d_sleep"))
     if has_d:
@@ -95,12 +96,18 @@ def plot_curves(history, path):
         axes[3].plot([int(r["epoch"]) for r in measured], [float(r["fd"]) for r in measured], "o-", label="fd")
         axes[3].set_title("sample quality (classifier fd, lower is better)")
     if matched:
-        ax, at = axes[-1], [int(r["epoch"]) for r in matched]
+        ax, at = axes[3 + bool(measured)], [int(r["epoch"]) for r in matched]
         for name in [f"h{l},h{l + 1}" for l in range(5)] + ["h5"]:
             ax.plot(at, [float(r[f"two_sample_{name}"]) for r in matched], "o-", ms=3, label=name)
         ax.axhline(0.5, color="k", lw=0.8)
         ax.set_ylim(0.4, 1.02)
         ax.set_title("wake/sleep two-sample accuracy (0.5: matched)")
+    if graded:  # the accuracy's rows before the distance was recorded have none
+        ax, at = axes[-1], [int(r["epoch"]) for r in graded]
+        for name in [f"h{l}" for l in range(6)]:
+            ax.plot(at, [float(r[f"distance_{name}"]) for r in graded], "o-", ms=3, label=name)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_title("wake/sleep graded distance (0: matched)")
     for ax in axes:
         ax.set_xlabel("epoch")
         if ax.get_legend_handles_labels()[0]:

@@ -31,7 +31,7 @@ import monitor
 from checkpoint import CHECKPOINT_NAME, CheckpointError, check_architecture, checkpoint_state, load_checkpoint, \
     save_checkpoint
 from data import DATASETS, DataError, DataMissing, TensorBatches, channels_of, class_labels, make_batches, num_images
-from inference_metrics import MatchingDuringTraining
+from matching_metrics import MatchingDuringTraining
 from losses import METRICS, StepConfig
 from metrics import format_probe, layer_features, linear_probe
 from models import ModelConfig, Networks

@@ -360,7 +360,7 @@ def test_a_dataset_of_other_channels_is_one_line(run, tmp_path, capsys):
 
 
 def test_matching_during_training_is_recorded_and_changes_nothing_the_run_computes(mnist_root, tmp_path):
-    """--matching-every 1: two_sample_* in every epoch's row (accuracies, one per feature set), the
+    """--matching-every 1: two_sample_* and distance_* in every epoch's row (one per feature set), the
     curves figure's extra panel, and weights equal to the bit to those of the same run without it."""
     import train
     from conftest import TINY
@@ -376,13 +376,14 @@ def test_matching_during_training_is_recorded_and_changes_nothing_the_run_comput
     # with the measure's own seed: recomputed here from the checkpoint, the same numbers.
     from checkpoint import networks_from_checkpoint
     from data import load_in_memory
-    measure = im.MatchingDuringTraining.of_run(load_in_memory("mnist", mnist_root, 32, train=True)[0], 16, "cpu")
+    import matching_metrics as mm
+    measure = mm.MatchingDuringTraining.of_run(load_in_memory("mnist", mnist_root, 32, train=True)[0], 16, "cpu")
     assert [row["epoch"] for row in with_["history"]] == [1, 2]
     for row in with_["history"]:
-        found = {k: v for k, v in row.items() if k.startswith("two_sample_")}
-        assert set(found) == {f"two_sample_{name}" for name in im.feature_sets()}
+        found = {k: v for k, v in row.items() if k.startswith(("two_sample_", "distance_"))}
+        assert set(found) == {f"{kind}_{name}" for name in im.feature_sets() for kind in ("two_sample", "distance")}
         state = torch.load(tmp_path / "with" / f"checkpoint_epoch{row['epoch']}.pth.tar", weights_only=True)
         assert found == measure(networks_from_checkpoint(state)), row["epoch"]
     assert not any(k.startswith("two_sample_") for k in without["history"][0])
     header = (tmp_path / "with" / "metrics.csv").read_text().splitlines()[0]
-    assert "two_sample_h4,h5" in header
+    assert "two_sample_h4,h5" in header and "distance_h0" in header
