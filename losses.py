@@ -23,7 +23,7 @@ def state_gradients(scores, states):
     return torch.autograd.grad(scores.sum(), states, create_graph=True)
 
 
-def score_and_state_gradients(discriminator, states, create_graph=True):
+def score_and_state_gradients(discriminator, states, create_graph=True, norm="l1"):
     """The plain path (--d-gradients autograd): D's score of states that are data, its gradient
     w.r.t. them and that gradient's per-sample L1 norm, by autograd through Discriminator.forward
     (a double backward when the norm is back-propagated). What discriminator_gradients
@@ -32,7 +32,7 @@ def score_and_state_gradients(discriminator, states, create_graph=True):
         leaves = [h.detach().requires_grad_(True) for h in states]
         score = discriminator(leaves)
         grads = torch.autograd.grad(score.sum(), leaves, create_graph=create_graph)
-        return score, [g.detach() for g in grads], l1_norms(grads)
+        return score, [g.detach() for g in grads], l1_norms(grads) if norm == "l1" else l2_norms(grads)
 
 
 def l1_norms(grads):
@@ -40,11 +40,25 @@ def l1_norms(grads):
     return sum(g.flatten(1).abs().sum(dim=1) for g in grads)
 
 
+def l2_norms(grads):
+    """The L2 norm of the whole state's gradient (all tensors together), per sample: (B,)."""
+    return sum(g.flatten(1).pow(2).sum(dim=1) for g in grads).sqrt()
+
+
 def l1_gradient_penalty(norms):
     """P1 = mean_b (||grad_s D(s)_b||_1 - 1) from the per-sample L1 norms over all state tensors.
 
     Taken at the samples themselves (no interpolation) and not squared, as the paper's code."""
     return (norms - 1).mean()
+
+
+def two_sided_gradient_penalty(norms):
+    """P1' = mean_b (||grad_s D(s)_b||_2 - 1)^2 from the per-sample L2 norms over all state tensors
+    (--d-penalty two-sided): WGAN-GP's form on states, which also pushes a norm below 1 up."""
+    return (norms - 1).pow(2).mean()
+
+
+D_PENALTIES = {"one-sided-l1": (l1_gradient_penalty, "l1"), "two-sided-l2": (two_sided_gradient_penalty, "l2")}
 
 
 def l2_gradient_penalty(grad):
@@ -93,6 +107,20 @@ def prediction_errors(predict, sources, targets):
 def generator_prediction_errors(generator, wake):
     """(B,) sum_{k=1..5} mean | a_k(ConvT_k(sg W_k)) - sg W_{k-1} |: each wake state's term below."""
     return prediction_errors(generator.predict, wake[1:], wake[:-1])
+
+
+def laplace_scale_loss(generator, wake):
+    """L_b = sum_{k=2..5} mean_{b,c,i,j} ( |sg W_{k-1} - sg mu_k| / b_k,c + log b_k,c ), mu_k = a_k(ConvT_k(W_k)):
+    the Laplace negative log-likelihood of each wake layer h1..h4 around G's prediction, in the
+    per-channel scales b alone (--dream-noise laplace). Its minimum, b_k,c = the mean |residual| of
+    channel c, is the maximum-likelihood scale; G dreams with it (Generator._laplace_block)."""
+    total = 0
+    for k in range(2, 6):
+        with torch.no_grad():
+            residual = (generator.predict(k, wake[k]) - wake[k - 1]).abs()
+        log_b = generator.log_scales[k - 2].view(1, -1, 1, 1)
+        total = total + (residual * torch.exp(-log_b) + log_b).mean()
+    return total
 
 
 def generator_prediction_loss(generator, wake, weights=None):
@@ -161,13 +189,14 @@ class StepConfig:
     update_order: str = "alternating"  # or "simultaneous" (training_step)
     inference_rule: str = "adversarial"  # or "wake-sleep": F learns from sleep states, no D (step_losses)
     d_gradients: str = "written-out"  # or "autograd": how D's state gradients are taken (d_terms)
+    d_penalty: str = "one-sided-l1"  # or "two-sided-l2" (D_PENALTIES); the latter's norms by autograd
 
     @classmethod
     def from_args(cls, args):
         return cls(gamma=args.gamma, lamda=args.lamda, lamda2=args.lamda2, kl_from_sn=args.kl_from_sn,
                    scale_by_d=args.scale_gen_surprisal_by_D, prioritized_replay=args.prioritized_replay,
                    gradient_clipping=args.gradient_clipping, amp=args.amp, update_order=args.update_order,
-                   d_gradients=args.d_gradients,
+                   d_gradients=args.d_gradients, d_penalty=getattr(args, "d_penalty", "one-sided-l1"),
                    # the flags of a checkpoint from before --inference-rule existed are the adversarial rule's
                    inference_rule=getattr(args, "inference_rule", "adversarial"))
 
@@ -202,8 +231,9 @@ class StepTerms:
 def d_terms(D, states, hp, graph=True):
     """(score, state gradients, their per-sample L1 norms) of D at data states, by the path hp asks for;
     graph=False: the state gradients alone are wanted (F following a stepped D)."""
-    if hp.d_gradients == "autograd":
-        return score_and_state_gradients(D, states, create_graph=graph)
+    norm = D_PENALTIES[hp.d_penalty][1]
+    if hp.d_gradients == "autograd" or norm != "l1":  # the written-out path gives L1 norms only
+        return score_and_state_gradients(D, states, create_graph=graph, norm=norm)
     return discriminator_gradients.score_and_state_gradients(D, states)
 
 
@@ -243,7 +273,7 @@ def step_losses(nets, x, hp: StepConfig):
     g_wake = None
     adversarial = hp.inference_rule == "adversarial" and hp.gamma > 0  # gamma 0 trains no D
     if adversarial:
-        d_wake, g_wake, l1_wake = d_terms(D, as_data(wake, x.dtype), hp)
+        d_wake, g_wake, norms_wake = d_terms(D, as_data(wake, x.dtype), hp)
         d_wake = d_wake.to(x.dtype)
         if hp.prioritized_replay:
             # Replay the top layers of the wake samples D found least wake-like.
@@ -255,10 +285,10 @@ def step_losses(nets, x, hp: StepConfig):
     sleep_term = zero
     if adversarial:
         # --- Discriminator: wake states high, sleep states low.
-        d_sleep, _, l1_sleep = d_terms(D, as_data(sleep, x.dtype), hp)
+        d_sleep, _, norms_sleep = d_terms(D, as_data(sleep, x.dtype), hp)
         d_sleep = d_sleep.to(x.dtype)
-        loss_d = discriminator_loss(d_wake, d_sleep, l1_gradient_penalty(l1_wake), l1_gradient_penalty(l1_sleep),
-                                    hp.gamma, hp.lamda)
+        penalty = D_PENALTIES[hp.d_penalty][0]
+        loss_d = discriminator_loss(d_wake, d_sleep, penalty(norms_wake), penalty(norms_sleep), hp.gamma, hp.lamda)
         if hp.scale_by_d:
             loss_d = loss_d + centering_loss(d_wake, d_sleep)
         # --- Inference, adversarial: gamma mean D(W); F follows it through g_wake (training_step).
@@ -277,6 +307,8 @@ def step_losses(nets, x, hp: StepConfig):
     else:
         loss_d = loss_f = prediction = zero
     loss_g, kl = prediction, zero
+    if G.log_scales and hp.gamma > 0:  # --dream-noise laplace: reaches the scales b alone, not reported in loss_g
+        prediction = prediction + laplace_scale_loss(G, wake)
     if hp.kl_from_sn:
         # In both rules: the release's pull of h5's batch statistics toward the prior is a regularizer
         # of F beside its rule, and the rules are compared with the same regularizers (docs/wake_sleep.md).

@@ -41,14 +41,21 @@ class ModelConfig:
     inference_noise: float = 0.01  # sigma of F's Gaussian noise after each BatchNorm (0: off; DeReLU stays)
     generator_noise: float = 0.01  # sigma of G's Gaussian noise on h4..h1 in train mode (0: off)
     discriminator_hidden: int = 128  # D's hidden units per adjacent pair of layers
+    # how G's dreams vary around its blocks (docs/algorithm.md, "Dream noise"): "release", Gaussian sigma
+    # after N and before the ReLU; "laplace", a learned per-channel Laplace scale around G's prediction;
+    # "before-convt", Gaussian sigma on a block's input, so its output varies with the ConvT's structure
+    dream_noise: str = "release"
 
     NORM_ORDERS = ("release", "matched")
+    DREAM_NOISES = ("release", "laplace", "before-convt")
 
     def __post_init__(self):
         if self.image_size < 32 or self.image_size % 16:
             raise ValueError(f"image size must be a multiple of 16 and at least 32, got {self.image_size}")
         if self.norm_order not in self.NORM_ORDERS:
             raise ValueError(f"norm_order must be one of {self.NORM_ORDERS}, got {self.norm_order!r}")
+        if self.dream_noise not in self.DREAM_NOISES:
+            raise ValueError(f"dream_noise must be one of {self.DREAM_NOISES}, got {self.dream_noise!r}")
         for name in ("channels", "n_filters", "noise_dim", "discriminator_hidden"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -98,6 +105,11 @@ def _add_noise(h, sigma):
     # sigma is a 0-d buffer; multiplying keeps it on the device (no host sync). The noise is drawn
     # in float32 whatever h is, so bf16 autocast (--amp) draws the same numbers as float32.
     return torch.addcmul(h, torch.randn_like(h, dtype=torch.float32), sigma)  # one pass; h + noise * sigma takes two
+
+
+def laplace_like(h):
+    """Standard Laplace noise (density exp(-|e|) / 2) shaped like h: the difference of two Exponential(1)."""
+    return torch.empty_like(h, dtype=torch.float32).exponential_() - torch.empty_like(h, dtype=torch.float32).exponential_()
 
 
 class DeReLU(nn.Module):
@@ -186,6 +198,11 @@ class Generator(nn.Module):
             convs.append(nn.ConvTranspose2d(widths[k], widths[k - 1], kernel, stride, pad))
         self.convs = nn.ModuleList(convs)  # convs[k-1] maps hk -> h(k-1)
         self.register_buffer("sigma", torch.tensor(float(cfg.generator_noise)))
+        self.dream_noise = cfg.dream_noise
+        # log b of layers h1..h4, per channel (log_scales[k-2] for the output of block k = 2..5), learned by
+        # maximum likelihood on wake states (losses.laplace_scale_loss); b = 1 is about an untrained G's residual
+        self.log_scales = nn.ParameterList([nn.Parameter(torch.zeros(w)) for w in widths[1:5]]
+                                           if cfg.dream_noise == "laplace" else [])
 
     def _norm(self, h):
         return divisive_norm(h) if self.divisive_normalization else h
@@ -212,6 +229,10 @@ class Generator(nn.Module):
 
     def block(self, k, h):
         """G's block k: h(k-1) from hk, as G dreams it (its noise in train mode only)."""
+        if self.dream_noise == "laplace":
+            return self._laplace_block(k, h)
+        if self.dream_noise == "before-convt" and k < 5 and self.training:
+            h = _add_noise(h, self.sigma)  # h5 = N(z) is itself the noise of the top block
         h = self.convs[k - 1](h)
         if k == 1:
             return torch.tanh(h)
@@ -219,10 +240,20 @@ class Generator(nn.Module):
         # order of F's layers, so that wake and sleep layers both have channel RMS 1
         if not self.norm_after_relu:
             h = self._norm(h)
-        if self.training:
+        if self.training and self.dream_noise == "release":
             h = _add_noise(h, self.sigma)
         h = F.relu(h)
         return self._norm(h) if self.norm_after_relu else h
+
+    def _laplace_block(self, k, h):
+        """max(0, mu + b * e), mu = predict(k, hk), e standard Laplace per entry: a draw from the Laplace
+        density that G's prediction loss fits, with its learned per-channel scale b, kept at or above 0
+        where wake states are (their ReLU). No N: the loss fits mu to wake states, N included."""
+        mu = self.predict(k, h)
+        if k == 1 or not self.training:
+            return mu
+        b = self.log_scales[k - 2].exp().view(1, -1, 1, 1)
+        return F.relu(torch.addcmul(mu, laplace_like(mu), b))
 
 
 class Discriminator(nn.Module):
@@ -302,7 +333,8 @@ class Networks(nn.Module):
 
     @torch.no_grad()
     def decay_noise(self, factor=10.0):
-        """The paper's 'lr-decay' schedule: divide every noise level and DeReLU scale by factor."""
+        """The paper's 'lr-decay' schedule: divide every noise level and DeReLU scale by factor (the
+        learned Laplace scales of --dream-noise laplace are fit to the wake states, not scheduled)."""
         for net in (self.inference, self.generator, self.discriminator):
             if net is not None:
                 net.sigma /= factor

@@ -18,10 +18,15 @@ from losses import StepConfig, step_losses
 
 def make_optimizers(nets, args):
     lrs = {"inference": args.lr_e, "generator": args.lr_g, "discriminator": args.lr_d, "readout": args.lr_rd}
+    groups = {name: [{"params": list(net.parameters())}] for name, net in nets.parts().items()}
+    scales = list(nets.generator.log_scales)
+    if scales:  # --dream-noise laplace: the scales at their own rate, log b moving ~lr a step (Adam)
+        groups["generator"] = [{"params": [p for p in nets.generator.parameters() if all(p is not q for q in scales)]},
+                               {"params": scales, "lr": getattr(args, "lr_scale", 1e-2)}]
     # fused: one kernel per parameter group instead of a dozen per tensor (CPU and CUDA)
-    return {name: torch.optim.Adam(net.parameters(), lr=lrs[name], betas=(args.beta1, args.beta2),
+    return {name: torch.optim.Adam(groups[name], lr=lrs[name], betas=(args.beta1, args.beta2),
                                    weight_decay=args.wd, fused=True)
-            for name, net in nets.parts().items()}
+            for name in nets.parts()}
 
 
 class NonFiniteError(Exception):

@@ -86,6 +86,10 @@ def _data_and_model_flags(p):
                    help="standard deviation of F's Gaussian noise after each BatchNorm (0: off; DeReLU stays)")
     g.add_argument("--generator-noise", type=float, default=0.01, metavar="SIGMA",
                    help="standard deviation of G's Gaussian noise on Layer4..Layer1 in training (0: off)")
+    g.add_argument("--dream-noise", default="release", choices=ModelConfig.DREAM_NOISES,
+                   help="how G's dreams vary: release, Gaussian --generator-noise after N and before each ReLU (the "
+                        "release's); laplace, a learned per-channel Laplace scale around G's prediction; "
+                        "before-convt, Gaussian --generator-noise on each block's input (docs/algorithm.md)")
     g.add_argument("--d-hidden", type=int, default=128, metavar="UNITS",
                    help="hidden units of the wake/sleep discriminator per adjacent pair of layers")
 
@@ -97,6 +101,9 @@ def _objective_flags(p):
                    help="1: pure wake-sleep; <1 adds the readout image critic; 0: a WGAN-GP")
     g.add_argument("--lamda", type=float, default=0.3, help="weight of D's L1 gradient penalty on states")
     g.add_argument("--lamda2", type=float, default=10.0, help="weight of the readout's L2 gradient penalty on images")
+    g.add_argument("--d-penalty", default="one-sided-l1", choices=("one-sided-l1", "two-sided-l2"),
+                   help="D's gradient penalty on states: one-sided-l1, mean(||grad||_1 - 1) (the release's); "
+                        "two-sided-l2, mean((||grad||_2 - 1)^2), WGAN-GP's form")
     g.add_argument("--kl-from-sn", action="store_true", help="pull inferred Layer5 towards N(0, 1) (KL, weight 1e-4)")
     add_bool_flag(g, "--scale-gen-surprisal-by-D", "weigh each sample's generator loss by 2 sigmoid(-D(wake))")
     add_bool_flag(g, "--prioritized-replay", "dream half the sleep batch from the least wake-like wake tops")
@@ -115,6 +122,8 @@ def _optimization_flags(p):
                    help="wake/sleep discriminator learning rate")
     g.add_argument("--lr-e", type=float, default=1e-4, help="inference (encoder) learning rate")
     g.add_argument("--lr-rd", type=float, default=1e-4, help="readout discriminator learning rate")
+    g.add_argument("--lr-scale", type=float, default=1e-2,
+                   help="learning rate of G's log Laplace scales (--dream-noise laplace only)")
     g.add_argument("--beta1", type=float, default=0.5, help="Adam beta1")
     g.add_argument("--beta2", type=float, default=0.99, help="Adam beta2")
     g.add_argument("--wd", "--weight-decay", type=float, default=0.0, help="Adam weight decay")
@@ -210,7 +219,7 @@ def check_args(args, parser):
         problems.append(f"--image-size must be a multiple of 16 and at least 32, got {args.image_size}")
     if "gamma" not in nonfinite and not 0.0 <= args.gamma <= 1.0:
         problems.append(f"--gamma must lie in [0, 1], got {args.gamma}")
-    for flag in ("epochs", "n_filters", "noise_dim", "d_hidden", "lr_g", "lr_d", "lr_e", "lr_rd"):
+    for flag in ("epochs", "n_filters", "noise_dim", "d_hidden", "lr_g", "lr_d", "lr_e", "lr_rd", "lr_scale"):
         if flag not in nonfinite and getattr(args, flag) <= 0:
             problems.append(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     for flag in ("inference_noise", "generator_noise"):
@@ -263,7 +272,8 @@ def model_config(args):
                        spectral_norm=args.spectral_norm, readout=args.gamma < 1,
                        discriminator=args.inference_rule == "adversarial", norm_order=args.norm_order,
                        inference_batchnorm=args.inference_batchnorm, inference_noise=args.inference_noise,
-                       generator_noise=args.generator_noise, discriminator_hidden=args.d_hidden)
+                       generator_noise=args.generator_noise, discriminator_hidden=args.d_hidden,
+                       dream_noise=args.dream_noise)
 
 
 def unused_flags_note(args):
@@ -271,7 +281,7 @@ def unused_flags_note(args):
     runnable as they are with the rule switched, and nothing passes unnoticed."""
     if args.inference_rule != "wake-sleep":
         return None
-    return ("note: --inference-rule wake-sleep builds no wake/sleep discriminator: --lr-d, --lamda and "
+    return ("note: --inference-rule wake-sleep builds no wake/sleep discriminator: --lr-d, --lamda, --d-penalty and "
             "--d-gradients are unused")
 
 

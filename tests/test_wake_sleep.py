@@ -234,7 +234,7 @@ def test_rule_flags_refused_or_named(capsys):
     err = capsys.readouterr().err
     assert "--scale-gen-surprisal-by-D and --prioritized-replay need" in err.strip().splitlines()[-1]
     note = train.unused_flags_note(_parse("--inference-rule", "wake-sleep"))
-    assert "--lr-d, --lamda and --d-gradients are unused" in note and "--kl-from-sn" not in note  # it acts
+    assert "--lr-d, --lamda, --d-penalty and --d-gradients are unused" in note and "--kl-from-sn" not in note  # it acts
     assert train.unused_flags_note(_parse()) is None
 
 
