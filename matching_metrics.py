@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from data import seeded_draw
-from inference_metrics import N_LAYERS, eval_mode, feature_sets, sleep_states, wake_sleep_two_sample, wake_states
+from inference_metrics import (N_LAYERS, discriminator_separation, eval_mode, feature_sets, sleep_states,
+                               wake_sleep_two_sample, wake_states)
 from step import training_mode
 from utils import isolated_rng
 
@@ -172,8 +173,9 @@ def positive_control(nets, sleep_batches, permutations=PERMUTATIONS, seed=0):
 class MatchingDuringTraining:
     """train.py --matching-every K: wake_sleep_two_sample and graded_distance of fixed training images'
     wake states against fresh dreams, every K epochs, as metrics two_sample_<feature set> and
-    distance_<feature set> (metrics.csv, TensorBoard, the curves figure): whether training brings wake
-    and sleep together, and where it stalls. Its own
+    distance_<feature set> (metrics.csv, TensorBoard, the curves figure), and D's own AUROC of the same
+    wake states above the sleep states as d_auroc: whether training brings wake and sleep together,
+    where it stalls, and whether D keeps its ordering (above 0.5) while F opposes it. Its own
     seeded random numbers, BatchNorm's running statistics untouched (wake_states, sleep_states): the
     run's steps, and exact resume, are as without it."""
 
@@ -198,7 +200,9 @@ class MatchingDuringTraining:
         with isolated_rng(2):
             wake = wake_states(nets, self.images)
             sleep = sleep_states(nets, len(wake), self.batch_size, self.device)
+            separation = discriminator_separation(nets, wake, sleep)  # D's noise on, as in training
         accuracy = wake_sleep_two_sample(wake, sleep, seed=2)
         distance = graded_distance(wake, sleep, permutations=0)  # the null is measure_inference.py's
         return {**{f"two_sample_{name}": r["accuracy"] for name, r in accuracy.items()},
-                **{f"distance_{name}": r["distance"] for name, r in distance.items()}}
+                **{f"distance_{name}": r["distance"] for name, r in distance.items()},
+                **({"d_auroc": separation["auroc"]} if separation else {})}

@@ -360,7 +360,8 @@ def test_a_dataset_of_other_channels_is_one_line(run, tmp_path, capsys):
 
 
 def test_matching_during_training_is_recorded_and_changes_nothing_the_run_computes(mnist_root, tmp_path):
-    """--matching-every 1: two_sample_* and distance_* in every epoch's row (one per feature set), the
+    """--matching-every 1: two_sample_* and distance_* in every epoch's row (one per feature set) and D's
+    AUROC d_auroc, the
     curves figure's extra panel, and weights equal to the bit to those of the same run without it."""
     import train
     from conftest import TINY
@@ -380,8 +381,10 @@ def test_matching_during_training_is_recorded_and_changes_nothing_the_run_comput
     measure = mm.MatchingDuringTraining.of_run(load_in_memory("mnist", mnist_root, 32, train=True)[0], 16, "cpu")
     assert [row["epoch"] for row in with_["history"]] == [1, 2]
     for row in with_["history"]:
-        found = {k: v for k, v in row.items() if k.startswith(("two_sample_", "distance_"))}
-        assert set(found) == {f"{kind}_{name}" for name in im.feature_sets() for kind in ("two_sample", "distance")}
+        found = {k: v for k, v in row.items() if k.startswith(("two_sample_", "distance_", "d_auroc"))}
+        assert set(found) == {f"{kind}_{name}" for name in im.feature_sets()
+                              for kind in ("two_sample", "distance")} | {"d_auroc"}
+        assert 0 <= found["d_auroc"] <= 1
         state = torch.load(tmp_path / "with" / f"checkpoint_epoch{row['epoch']}.pth.tar", weights_only=True)
         assert found == measure(networks_from_checkpoint(state)), row["epoch"]
     assert not any(k.startswith("two_sample_") for k in without["history"][0])
