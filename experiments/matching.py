@@ -5,15 +5,19 @@ where they do not, for runs that each change one thing from a baseline run.
     python experiments/matching.py BASELINE_RUN [RUN ...] [--figure curves.png] [--json rows.json]
 
 Each RUN is a train.py folder made with --matching-every (metrics.csv), holding the outputs of
-    python measure_inference.py --path RUN --n 2000                      (inference/inference_measures.json)
+    python measure_inference.py --path RUN --n 1000                      (inference/inference_measures.json)
     python SVM_classify_from_model.py --path RUN -b 512 --n-folds 5 --json RUN/probe.jsonl
 A run's change is the flags of its config.json that differ from the first run's (not the seed or the
 folder); runs of one change are its seeds, shown as the mean and range across them. Where a change and
 the baseline have at least two seeds each, the difference of their means is given with a Welch
-t-interval (the seed is the unit). --figure draws the two-sample accuracy of h1..h5 and the whole state
-over training, one line per run. How far each network moved from its initial weights (rebuilt from
-the run's seed, as train.py draws them) shows whether a network learned at all: "D moved" is D's
-largest weight change over lr_d x steps, about the most Adam moves a weight in that many steps.
+t-interval (the seed is the unit). The graded distance H (matching_metrics) is printed with a * where
+it lies inside its permutation null (p > 0.01), beside the same networks at initialization; the block
+diagnostics say where the match breaks. --figure draws H of h0..h5 and the whole state over training,
+and D's AUROC, one line per run. How far each network moved from its initial weights (rebuilt from the
+run's seed, as train.py draws them) shows whether a network learned at all: "D moved" is D's largest
+weight change over the most Adam can move a weight in the run's steps, lr_d x steps x
+max(1, (1 - beta1) / sqrt(1 - beta2)) (Kingma & Ba 2015, section 2.1: 3.16 lr a step at beta1 0,
+beta2 0.9), so 1 is a weight pushed the same way as far as it can go at every step.
 """
 import argparse
 import csv
@@ -37,13 +41,19 @@ IGNORED = {"out", "seed", "resume", "epochs", "device", "gpu", "workers", "data"
 DEFAULTS = {"norm_order": "release", "inference_batchnorm": True, "inference_noise": 0.01, "generator_noise": 0.01,
             "d_hidden": 128}
 LAYERS = range(1, 6)
+GRADED = [(f"H_h{l}", f"h{l}") for l in range(6)] + [("H_whole", "whole")]
+UNTRAINED = [(f"H0_h{l}", f"h{l}") for l in range(6)] + [("H0_whole", "whole")]
+BLOCKS = ([(f"explained{k}", f"G explains h{k - 1}") for k in LAYERS] + [(f"down{k}", f"H one block down to h{k - 1}")
+                                                                         for k in LAYERS])
+CONTROL = [(f"pc_error{l}", f"F's error h{l}") for l in LAYERS] + [(f"pc_H{l}", f"H h{l}") for l in LAYERS] + [
+    ("pc_top_r2", "R2 of N(z)")]
 MATCHING = [(f"ts_h{l}", f"h{l}") for l in LAYERS] + [("ts_h1-h4", "h1..h4 mean"), ("ts_whole", "whole")]
-D_AND_SAMPLES = [("d_auroc", "D's AUROC"), ("d_margin_sd", "D's margin (sd)"), ("d_moved", "D moved"), ("fd", "fd"),
+D_AND_SAMPLES = [("d_auroc", "D's AUROC"), ("d_auroc_min", "its least over training"), ("d_margin_sd", "D's margin (sd)"), ("d_moved", "D moved"), ("fd", "fd"),
                  ("precision", "precision"), ("recall", "recall")]
 PROBE = [(f"probe{l}", f"probe h{l}") for l in LAYERS] + [("mse5", "reconstruction error from h5"),
                                                            ("labels5", "its label agreement")]
 LAYER_NAMES = ("Input", "Layer1", "Layer2", "Layer3", "Layer4", "Layer5")
-CURVES = [f"h{l}" for l in LAYERS] + ["whole"]
+CURVES = [f"h{l}" for l in range(6)] + ["whole"]
 
 
 def _read_json(path):
@@ -56,15 +66,34 @@ def _metrics(run):
         return list(csv.DictReader(f))
 
 
-def curves(run):
-    """{feature set: [(epoch, accuracy)]} of train.py --matching-every."""
+def curves(run, measure="two_sample"):
+    """{feature set: [(epoch, value)]} of train.py --matching-every: measure "two_sample" (the
+    accuracy) or "distance" (H); "d_auroc" under the key "D"."""
     found = {}
     for r in _metrics(run):
-        for name in CURVES:
-            value = r.get(f"two_sample_{name}")
+        for name, key in [(n, f"{measure}_{n}") for n in CURVES] + [("D", "d_auroc")]:
+            value = r.get(key)
             if value:
                 found.setdefault(name, []).append((int(r["epoch"]), float(value)))
     return found
+
+
+def graded_row(m):
+    """The graded distance, its untrained reference and the block diagnostics of one
+    inference_measures.json, as flat keys (p of each H kept beside it)."""
+    g, row = m["graded"], {}
+    for prefix, found in (("H", g["distance"]), ("H0", g["untrained"]["distance"])):
+        for name, r in found.items():
+            row[f"{prefix}_{name}"], row[f"{prefix}_{name}_p"] = r["distance"], r["p"]
+    for k in LAYERS:
+        row[f"explained{k}"] = g["generator_fit"][str(k)]["explained"]
+        one_down = g["descents"][str(k)][f"h{k - 1}"]
+        row[f"down{k}"], row[f"down{k}_p"] = one_down["distance"], one_down["p"]
+        control = g["positive_control"][str(k)]
+        row[f"pc_error{k}"], row[f"pc_H{k}"], row[f"pc_H{k}_p"] = (control["relative_error"], control["distance"],
+                                                                     control["p"])
+    row["pc_top_r2"] = g["positive_control"]["top_r2"]
+    return row
 
 
 def weight_change(state, nets):
@@ -89,6 +118,9 @@ def run_row(run):
     rows = _metrics(run)
     row = {"run": run, "args": {k: args.get(k, DEFAULTS.get(k)) for k in set(args) | set(DEFAULTS)},
            "seed": args["seed"], "steps": sum(int(r["steps"]) for r in rows)}
+    during = [float(r["d_auroc"]) for r in rows if r.get("d_auroc")]
+    if during:
+        row["d_auroc_min"] = min(during)
     last = [r for r in rows if r.get("fd")]
     if last:
         row.update({k: float(last[-1][k]) for k in ("fd", "precision", "recall") if last[-1].get(k)})
@@ -101,6 +133,8 @@ def run_row(run):
             row["mse5"] = m["reconstruction"]["5"]["mse"]["mean"]
             if "label_agreement" in m["reconstruction"]["5"]:
                 row["labels5"] = m["reconstruction"]["5"]["label_agreement"]["mean"]
+        if "graded" in m:
+            row.update(graded_row(m))
         differ = m.get("differences")
         if differ:
             row["layers"], row["residual"] = differ["layers"], differ["prediction_residual"]
@@ -115,7 +149,8 @@ def run_row(run):
         state, nets = load_networks(resolve_checkpoint_path(run), "cpu")
         row["moved"] = weight_change(state, nets)
         if "discriminator" in row["moved"] and row["steps"]:
-            row["d_moved"] = row["moved"]["discriminator"]["largest"] / (args["lr_d"] * row["steps"])
+            adam = max(1.0, (1 - args.get("beta1", 0.5)) / np.sqrt(1 - args.get("beta2", 0.99)))
+            row["d_moved"] = row["moved"]["discriminator"]["largest"] / (args["lr_d"] * row["steps"] * adam)
     return row
 
 
@@ -137,11 +172,18 @@ def groups(rows):
     return keyed
 
 
+def inside_null(rows, key):
+    """' *' where the key's H lies inside its permutation null (p > 0.01) in every seed that has it."""
+    ps = [r[f"{key}_p"] for r in rows if r.get(f"{key}_p") is not None]
+    return " *" if ps and min(ps) > 0.01 else ""
+
+
 def table(keyed, columns):
     lines = ["| change | seeds | " + " | ".join(title for _, title in columns) + " |",
              "|---|---:|" + "---:|" * len(columns)]
     for name, rows in keyed.items():
-        lines.append(f"| {name} | {len(rows)} | " + " | ".join(cell(rows, key) for key, _ in columns) + " |")
+        lines.append(f"| {name} | {len(rows)} | " + " | ".join(cell(rows, key) + inside_null(rows, key)
+                                                               for key, _ in columns) + " |")
     base = keyed.get("baseline", [])
     for name, rows in keyed.items():
         if name == "baseline" or len(rows) < 2 or len(base) < 2:
@@ -171,27 +213,27 @@ def statistics_table(keyed):
 
 
 def plot(rows, keyed, path):
+    """H per feature set over training and D's AUROC, one line per run, a colour per change."""
     from utils import pyplot, write_figure
     plt = pyplot("the figure")
     if plt is None:
         return
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(2.6 * len(CURVES), 2.8), sharey=True)
+    panels = CURVES + ["D"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.4 * len(panels), 2.8))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (name, group) in enumerate(keyed.items()):
         for j, r in enumerate(group):
-            found = curves(r["run"])
-            for ax, feature in zip(axes, CURVES):
+            found = curves(r["run"], "distance")
+            for ax, feature in zip(axes, panels):
                 if feature in found:
-                    e, a = zip(*found[feature])
-                    ax.plot(e, a, color=colours[i % len(colours)], marker=".", lw=1,
-                            label=name if j == 0 else None)
-    for ax, feature in zip(axes, CURVES):
-        ax.axhline(0.5, color="grey", lw=0.5, ls=":")
-        ax.axhline(0.6, color="grey", lw=0.5, ls="--")
-        ax.set_title(feature, fontsize=9)
+                    e, v = zip(*found[feature])
+                    ax.plot(e, v, color=colours[i % len(colours)], marker=".", lw=1, label=name if j == 0 else None)
+    for ax, feature in zip(axes, panels):
+        ax.set_title("D's AUROC" if feature == "D" else f"H {feature}", fontsize=9)
         ax.set_xlabel("epoch")
-    axes[0].set_ylabel("two-sample accuracy")
-    axes[0].set_ylim(0.4, 1.02)
+        ax.set_ylim(0, 1.02 if feature == "D" else None)
+    axes[-1].axhline(0.5, color="grey", lw=0.5, ls=":")
+    axes[0].set_ylabel("graded wake/sleep distance H")
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=min(4, len(keyed)), fontsize=7,
                frameon=False)
     fig.tight_layout(rect=(0, 0.05 + 0.04 * ((len(keyed) - 1) // 4), 1, 1))
@@ -202,12 +244,20 @@ def plot(rows, keyed, path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("runs", nargs="+", help="train.py run folders, the baseline first")
-    p.add_argument("--figure", default=None, help="write the curves of two-sample accuracy here")
+    p.add_argument("--figure", default=None, help="write the curves of H and D's AUROC over training here")
     p.add_argument("--json", default=None, help="write every run's row here")
     args = parse_runs(p, argv, "metrics.csv")
     rows = [run_row(r) for r in args.runs]
     keyed = groups(rows)
-    for title, text in (("Wake/sleep two-sample accuracy (measure_inference.py, 2,000 a kind; 0.5: matched)",
+    for title, text in (("Graded wake/sleep distance H (measure_inference.py; 0: matched; * inside its permutation "
+                         "null, p > 0.01, in every seed)", table(keyed, GRADED)),
+                        ("The same, the networks at initialization", table(keyed, UNTRAINED)),
+                        ("Where the match breaks, block k of G: the fraction of the inferred h(k-1)'s variance G's "
+                         "noiseless block of hk explains; H of G's descent one block down from wake hk of other "
+                         "images", table(keyed, BLOCKS)),
+                        ("The positive control, F on G's own dreams: F's relative error and H against the states "
+                         "dreamed, and the R2 of N(z) from F's h5", table(keyed, CONTROL)),
+                        ("Wake/sleep two-sample accuracy (measure_inference.py; 0.5: matched)",
                          table(keyed, MATCHING)),
                         ("D's separation of the same states, how far D's weights moved, and the samples (fd, "
                          "precision, recall of 2,000)", table(keyed, D_AND_SAMPLES)),

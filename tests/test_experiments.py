@@ -187,13 +187,22 @@ def _matching_run(folder, seed, lamda, h1, epochs=2):
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump({"args": {"lamda": lamda, "gamma": 0.9, "seed": seed, "out": str(folder)}}, f)
     with open(os.path.join(folder, "metrics.csv"), "w") as f:
-        f.write("epoch,steps,two_sample_h1,fd\n" + "".join(f"{e},10,{h1},\n" for e in range(1, epochs)) + f"{epochs},10,{h1},50\n")
+        f.write("epoch,steps,two_sample_h1,distance_h1,d_auroc,fd\n"
+                + "".join(f"{e},10,{h1},{h1 / 10},0.{e},\n" for e in range(1, epochs)) + f"{epochs},10,{h1},{h1 / 10},0.9,50\n")
     per_layer = {str(l): 0.5 for l in range(1, 6)}
+    # H of h1 is h1 / 10 with p 0.5 (inside its null) at seed 0 only; every other H is 0.2 with p 0.001
+    distance = {f"h{l}": {"distance": h1 / 10 if l == 1 else 0.2, "p": 0.5 if l == 1 and seed == 0 else 0.001}
+                for l in range(6)} | {"whole": {"distance": 0.2, "p": 0.001}}
+    graded = {"distance": distance, "untrained": {"distance": distance},
+              "generator_fit": {str(k): {"explained": 1 - k / 10} for k in range(1, 6)},
+              "descents": {str(k): {f"h{k - 1}": {"distance": k / 100, "p": 0.001}} for k in range(1, 6)},
+              "positive_control": {**{str(l): {"relative_error": l / 10, "distance": 0.1, "p": 0.001}
+                                      for l in range(1, 6)}, "top_r2": 0.25}}
     layers = {str(l): {"channel_rms": 1.0, "zeros": 0.25, "mean": 0.5} for l in range(1, 6)}
     with open(os.path.join(folder, "inference", "inference_measures.json"), "w") as f:
         json.dump({"wake_vs_sleep": {**{f"h{l}": {"accuracy": h1 if l == 1 else 1.0} for l in range(1, 6)},
                                      "whole": {"accuracy": 1.0}},
-                   "differences": {"layers": {"wake": layers, "sleep": layers},
+                   "graded": graded, "differences": {"layers": {"wake": layers, "sleep": layers},
                                    "prediction_residual": {"wake": per_layer, "sleep": per_layer},
                                    "discriminator": {"auroc": 0.6, "margin_sd": 0.2}}}, f)
     return str(folder)
@@ -209,8 +218,14 @@ def test_matching_groups_runs_by_the_flags_they_change_from_the_first(tmp_path, 
     assert rows[0]["args"]["generator_noise"] == 0.01  # an option the run predates: its default
     assert rows[2]["ts_h1-h4"] == pytest.approx((0.6 + 3) / 4) and rows[2]["fd"] == 50
     assert matching.curves(runs[4])["h1"] == [(e, 1.0) for e in range(1, 7)]
+    assert matching.curves(runs[4], "distance")["h1"] == [(e, 0.1) for e in range(1, 7)]
+    assert rows[0]["d_auroc_min"] == 0.1 and rows[4]["explained3"] == pytest.approx(0.7)
+    assert rows[0]["down2"] == 0.02 and rows[0]["pc_error4"] == 0.4 and rows[0]["pc_top_r2"] == 0.25
     matching.main(runs)
     out = capsys.readouterr().out
+    # H of h1: inside its null in both baseline seeds? Only seed 0 is (p 0.5), so no mark; "60 steps" is seed 0
+    assert "| baseline | 2 | 0.200 (0.200 - 0.200) | 0.095 (0.090 - 0.100) | 0.200" in out
+    assert "| 60 steps | 1 | 0.200 | 0.100 * | 0.200 |" in out
     assert "| --lamda 0.07 | 2 | 0.650 (0.600 - 0.700) |" in out
     d, lo, hi = rule_comparison.welch([0.6, 0.7], [1.0, 0.9])
     assert f"| --lamda 0.07 - baseline (95 % Welch) | | {d:.3f} [{lo:.3f}, {hi:.3f}] |" in out
