@@ -99,8 +99,10 @@ def plot_curves(history, path):
         ax, at = axes[3 + bool(measured)], [int(r["epoch"]) for r in matched]
         for name in [f"h{l},h{l + 1}" for l in range(5)] + ["h5"]:
             ax.plot(at, [float(r[f"two_sample_{name}"]) for r in matched], "o-", ms=3, label=name)
+        if all(r.get("d_auroc") not in (None, "") for r in matched):  # recorded since D's ordering mattered
+            ax.plot(at, [float(r["d_auroc"]) for r in matched], "k--", label="D's AUROC, wake above sleep")
         ax.axhline(0.5, color="k", lw=0.8)
-        ax.set_ylim(0.4, 1.02)
+        ax.set_ylim(0, 1.02)
         ax.set_title("wake/sleep two-sample accuracy (0.5: matched)")
     if graded:  # the accuracy's rows before the distance was recorded have none
         ax, at = axes[-1], [int(r["epoch"]) for r in graded]
