@@ -8,12 +8,19 @@ row per effect, the run (its seed) as the unit.
 
 Each RUN is a run folder (its neuromodulation/records.json is read), a folder holding records.json,
 or a JSON file: a list of records, any of which may carry "effects", a list of {"effect": name,
-"value": number or null, "null": number}. A null or NaN value was not measured in that run and is
-skipped. Per effect: the mean with its t-interval, the runs above and below the null, and a
-one-sample t-test against the null, Holm-corrected over every effect of the table that has one.
-An effect measured in fewer than MIN_RUNS runs is shown but not tested.
+"value": number or null, "null": number} (and, from neuromodulation.py, the "networks" it was
+measured on and its "measure", the name without them). A null or NaN value was not measured in that
+run and is skipped. Per effect: the mean with its t-interval and the runs above and below the null;
+per measure of the trained networks and each control beside them (--controls, --early), the
+trained value minus the control's, run by run, as an effect of its own (null 0).
+
+Tests (docs/neuromodulation.md, "Primary tests"): only the PRIMARY family, named before the runs,
+is tested: an exact two-sided sign test and a sign-flip permutation test across runs, each
+Holm-corrected over that family alone. Every other row is exploratory: its interval and its runs on
+each side of the null, no p-value in the table. An effect of fewer than MIN_RUNS runs is not tested.
 """
 import argparse
+import fnmatch
 import json
 import math
 import os
@@ -23,10 +30,24 @@ import textwrap
 
 import numpy as np
 
-from stats import holm, mean_interval, t_test
+from collections import namedtuple
+
+from stats import holm, mean_interval, sign_flip_test, sign_test, t_test
 from utils import HelpFormatter, UserError, pyplot, run_main, unwritable_folder, write_atomically, write_figure, write_json
 
 MIN_RUNS = 3  # a t-test over two runs has one degree of freedom: its p is not read
+
+# The primary family, named before the runs (docs/neuromodulation.md): the trained networks' wake
+# above sleep; the novel class above familiar (oddball design); the dose-response's correlation of
+# signal and surprisal within levels, averaged over the axes; the gate's novelty response in a
+# familiarization stream. Patterns of fnmatch (the novel class's name holds the labels left out).
+PRIMARY = ("wake-sleep | trained | signal AUROC, wake > sleep",
+           "novelty | trained | novel class: * | oddball | signal AUROC",
+           "dose-response | trained | all axes | rho(signal, surprisal) within levels, mean over axes",
+           "familiarization | trained | gate | novel vs batch auroc (mean over streams)")
+
+# One effect of one run; measure and networks where the records give them (else None).
+Effect = namedtuple("Effect", "value null measure networks")
 NAN = float("nan")
 BAR = "\\|"  # effect names hold "|", which would end a markdown cell
 
@@ -72,7 +93,7 @@ def read_records(path):
 
 
 def run_effects(records, path):
-    """{effect: (value or None, null)} of one run, in the records' order; None where not measured."""
+    """{effect: Effect} of one run, in the records' order; value None where not measured."""
     if any(not isinstance(r.get("effects", []), list) for r in records):
         raise UserError(f"{path}: a record's \"effects\" is not a list")
     effects = {}
@@ -84,8 +105,24 @@ def run_effects(records, path):
             raise UserError(f"{path}: not an effect {{effect, value, null}}: {str(entry)[:80]}") from None
         if name in effects:
             raise UserError(f"{path}: the effect {name!r} appears twice in one run")
-        effects[name] = (value, null)
-    return effects
+        effects[name] = Effect(value, null, entry.get("measure"), entry.get("networks"))
+    return with_differences(effects)
+
+
+def with_differences(effects):
+    """The run's effects and, for each measure of the trained networks and each control measured
+    beside them, the trained value minus the control's ("novelty | trained - initialization | ...",
+    null 0): the effect of training, the run the unit."""
+    trained = {e.measure: e for e in effects.values() if e.networks == "trained" and e.measure}
+    differences = {}
+    for e in effects.values():
+        if e.networks in (None, "trained") or e.measure not in trained:
+            continue
+        experiment, rest = e.measure.split(" | ", 1)
+        value = None if None in (e.value, trained[e.measure].value) else trained[e.measure].value - e.value
+        differences[f"{experiment} | trained - {e.networks} | {rest}"] = Effect(value, 0.0, e.measure,
+                                                                                f"trained - {e.networks}")
+    return {**effects, **differences}
 
 
 def label_of(path):
@@ -109,7 +146,7 @@ def unique_labels(labels, records):
 
 
 def load_runs(runs):
-    """[(label, {effect: (value, null)})], one per RUN argument, in their order."""
+    """[(label, {effect: Effect})], one per RUN argument, in their order."""
     paths = [records_path(run) for run in runs]
     records = [read_records(path) for path in paths]
     labels = unique_labels([label_of(path) for path in paths], records)
@@ -120,7 +157,7 @@ def collect(runs, only=None):
     """{effect: (null, {label: value})} in order of first appearance; unmeasured values left out."""
     effects = {}
     for label, values in runs:
-        for name, (value, null) in values.items():
+        for name, (value, null, _, _) in values.items():
             if only and not any(s in name for s in only):
                 continue
             first_null, by_run = effects.setdefault(name, (null, {}))
@@ -131,29 +168,39 @@ def collect(runs, only=None):
     return effects
 
 
+def is_primary(name):
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in PRIMARY)
+
+
 def effect_row(name, null, by_run):
-    """The numbers of one effect over the runs that measured it (p nan where it is not tested)."""
+    """The numbers of one effect over the runs that measured it: mean, sd and t-interval, the runs on
+    each side of the null, and (nan where not tested: too few runs, or no spread) the p of a t-test,
+    the exact sign test and the sign-flip test; only a primary row's are read (PRIMARY)."""
     values = np.array(list(by_run.values()), dtype=np.float64)
     n = len(values)
     interval = mean_interval(values) if n else {"mean": NAN, "low": NAN, "high": NAN}
     above, below = int((values > null).sum()), int((values < null).sum())
     # Equal values are tested by no t-test; t_test's sd == 0 misses them (three 0.7s have an sd of 1e-16).
-    spread = n > 1 and values.max() > values.min()
-    p = t_test(values, null) if n >= MIN_RUNS and spread else NAN
+    tested = n >= MIN_RUNS and n > 1 and values.max() > values.min()
     flags = ([f"fewer than {MIN_RUNS} runs: not tested"] if n < MIN_RUNS else []) + \
-            (["no spread across runs: not tested"] if n >= MIN_RUNS and math.isnan(p) else []) + \
+            (["no spread across runs: not tested"] if n >= MIN_RUNS and not tested else []) + \
             (["runs disagree in sign"] if above and below else [])
-    return {"effect": name, "null": null, "n": n, "mean": interval["mean"],
+    return {"effect": name, "primary": is_primary(name), "null": null, "n": n, "mean": interval["mean"],
             "sd": float(values.std(ddof=1)) if n > 1 else NAN, "low": interval["low"], "high": interval["high"],
-            "above": above, "below": below, "equal": n - above - below, "p": p, "p_holm": NAN, "flags": flags,
-            "values": dict(by_run)}
+            "above": above, "below": below, "equal": n - above - below,
+            "p": t_test(values, null) if tested else NAN, "p_sign": sign_test(values, null) if tested else NAN,
+            "p_permutation": sign_flip_test(values, null) if tested else NAN,
+            "p_sign_holm": NAN, "p_permutation_holm": NAN, "flags": flags, "values": dict(by_run)}
 
 
 def summarize(runs, only=None):
-    """One row per effect, the Holm adjustment over every effect of the table that has a p."""
+    """One row per effect; Holm's adjustment of the sign and the sign-flip tests over the primary
+    family alone (the rows of PRIMARY that are tested), every other row exploratory."""
     rows = [effect_row(name, null, by_run) for name, (null, by_run) in collect(runs, only).items()]
-    for row, adjusted in zip(rows, holm([row["p"] for row in rows])):
-        row["p_holm"] = adjusted
+    primary = [row for row in rows if row["primary"]]
+    for test in ("p_sign", "p_permutation"):
+        for row, adjusted in zip(primary, holm([row[test] for row in primary])):
+            row[test + "_holm"] = adjusted
     return rows
 
 
@@ -166,20 +213,42 @@ def fmt(x, p=False):
     return f"{x:.3g}"
 
 
+def _signs(r):
+    return f"{r['above']}+ {r['below']}-" + (f" {r['equal']}=" if r["equal"] else "")
+
+
+def _against_control(row, rows):
+    """The cell of a primary row's trained - initialization difference: its mean and t-interval."""
+    experiment, _, rest = row["effect"].split(" | ", 2)
+    found = [r for r in rows if r["effect"] == f"{experiment} | trained - initialization | {rest}"]
+    return f"{fmt(found[0]['mean'])} [{fmt(found[0]['low'])}, {fmt(found[0]['high'])}] ({found[0]['n']})" \
+        if found else "-"
+
+
 def table(rows, n_runs):
-    """The markdown table, under a header that says what the test and its family are."""
-    m = sum(math.isfinite(row["p"]) for row in rows)
+    """The markdown tables, primary then exploratory, under headers that say what each test and its
+    family are."""
     runs = f"{n_runs} run" + ("s" if n_runs != 1 else "")
-    lines = [f"Effects across {runs} (the run, its seed, is the unit): mean, sd and 95 % t-interval of the "
-             f"mean; +/-: runs above/below the null; p: two-sided one-sample t-test against the null; Holm p: "
-             f"Holm-corrected over the family of all {m} tested effects of this table (n >= {MIN_RUNS}).", "",
-             "| effect | null | n | mean | sd | 95 % t-interval | +/- | p | Holm p | note |",
-             "|---|---:|---:|---:|---:|---|---|---:|---:|---|"]
-    for r in rows:
-        signs = f"{r['above']}+ {r['below']}-" + (f" {r['equal']}=" if r["equal"] else "")
-        lines.append(f"| {r['effect'].replace('|', BAR)} | {r['null']:g} | {r['n']} | {fmt(r['mean'])} | "
-                     f"{fmt(r['sd'])} | [{fmt(r['low'])}, {fmt(r['high'])}] | {signs} | {fmt(r['p'], True)} | "
-                     f"{fmt(r['p_holm'], True)} | {'; '.join(r['flags'])} |")
+    primary = [r for r in rows if r["primary"]]
+    m = sum(math.isfinite(r["p_sign"]) for r in primary)
+    lines = [f"Primary tests across {runs} (the run, its seed, is the unit; named before the runs): mean and 95 % "
+             f"t-interval of the mean; +/-: runs above/below the null; the exact two-sided sign test and the "
+             f"sign-flip permutation test of the mean, each Holm-corrected over this family of {m} tested effects "
+             f"alone (n >= {MIN_RUNS}); beside them the trained networks minus the same networks at initialization "
+             f"(mean, 95 % t-interval, runs).", "",
+             "| effect | null | n | mean | 95 % t-interval | +/- | sign p | Holm | permutation p | Holm | "
+             "trained - initialization | note |", "|---|---:|---:|---:|---|---|---:|---:|---:|---:|---|---|"]
+    lines += [f"| {r['effect'].replace('|', BAR)} | {r['null']:g} | {r['n']} | {fmt(r['mean'])} | "
+              f"[{fmt(r['low'])}, {fmt(r['high'])}] | {_signs(r)} | {fmt(r['p_sign'], True)} | "
+              f"{fmt(r['p_sign_holm'], True)} | {fmt(r['p_permutation'], True)} | "
+              f"{fmt(r['p_permutation_holm'], True)} | {_against_control(r, rows)} | {'; '.join(r['flags'])} |"
+              for r in primary]
+    lines += ["", f"Exploratory effects across {runs}: mean, sd and 95 % t-interval of the mean, runs above/below "
+              f"the null; no test (\"trained - X\": the trained networks' value minus control X's, run by run).", "",
+              "| effect | null | n | mean | sd | 95 % t-interval | +/- | note |", "|---|---:|---:|---:|---:|---|---|---|"]
+    lines += [f"| {r['effect'].replace('|', BAR)} | {r['null']:g} | {r['n']} | {fmt(r['mean'])} | {fmt(r['sd'])} | "
+              f"[{fmt(r['low'])}, {fmt(r['high'])}] | {_signs(r)} | {'; '.join(r['flags'])} |"
+              for r in rows if not r["primary"]]
     return "\n".join(lines)
 
 

@@ -5,6 +5,8 @@ is. Scores recorded in training mode are not independent within a batch (BatchNo
 the batch, D's minibatch-std feature is shared by it): there the unit is the batch, and intervals
 resample whole batches. Across runs the unit is the run (its seed).
 """
+import math
+
 import numpy as np
 
 # A percentile bootstrap over fewer blocks than this covers well under its nominal level (over two
@@ -36,6 +38,16 @@ def spearman(x, y):
     rx, ry = rx - rx.mean(), ry - ry.mean()
     denominator = np.sqrt((rx * rx).sum() * (ry * ry).sum())
     return float((rx * ry).sum() / denominator) if denominator > 0 else float("nan")
+
+
+def within_groups_spearman(x, y, groups):
+    """Spearman's rho of x and y within each group (each level of a perturbation), averaged over the
+    groups where it is defined: how far x follows y beyond both moving with the group, which a rho
+    pooled over the groups mixes in (nan where no group has one)."""
+    x, y, groups = (np.asarray(v, dtype=np.float64) for v in (x, y, groups))
+    rhos = [spearman(x[groups == g], y[groups == g]) for g in np.unique(groups)]
+    rhos = [r for r in rhos if not np.isnan(r)]
+    return float(np.mean(rhos)) if rhos else float("nan")
 
 
 def bootstrap_interval(statistic, samples, reps, seed, batch_size=1, level=0.95, paired=False):
@@ -100,3 +112,41 @@ def holm(p_values):
         running = max(running, min(1.0, (m - i) * p[j]))  # adjusted p-values never decrease
         adjusted[j] = running
     return adjusted.tolist()
+
+
+def sign_test(values, null=0.0):
+    """Exact two-sided sign test of independent values against `null`: under the null a value is as
+    likely above it as below, so the count above among the n values off it is Binomial(n, 1/2); p is
+    twice the smaller tail, at most 1 (nan with no value off the null; ties with it are dropped).
+    Its smallest p is 2 / 2^n: five runs all on one side give 0.0625, so it takes six to reach 0.05."""
+    values = np.asarray(values, dtype=np.float64)
+    above, below = int((values > null).sum()), int((values < null).sum())
+    n = above + below
+    if n == 0:
+        return float("nan")
+    tail = sum(math.comb(n, k) for k in range(min(above, below) + 1))
+    return min(1.0, 2 * tail / 2 ** n)
+
+
+EXACT_FLIPS = 16  # up to 2^16 sign patterns are enumerated; above that they are sampled
+
+
+def sign_flip_test(values, null=0.0, reps=100_000, seed=0):
+    """Two-sided permutation test of the mean of independent values against `null`: under the null
+    each value's difference from it is symmetric about 0, so flipping its sign leaves the data as
+    likely. p is the fraction of sign patterns whose |mean difference| is at least the observed one:
+    all 2^n patterns for n <= EXACT_FLIPS (exact; at least 2 / 2^n), else `reps` random ones and the
+    observed one counted in (nan for no values or all on the null)."""
+    d = np.asarray(values, dtype=np.float64) - null
+    n = len(d)
+    if n == 0 or not d.any():
+        return float("nan")
+    if n <= EXACT_FLIPS:
+        signs, extra = 1 - 2 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1), 0
+    else:
+        signs, extra = np.random.default_rng(seed).choice((-1.0, 1.0), size=(reps, n)), 1
+    sums = np.abs(signs @ d)
+    # the same sum reached in another order of additions differs in its last bits: the observed
+    # pattern and its mirror must count as at least as extreme as themselves
+    reached = sums >= abs(d.sum()) - 1e-12 * np.abs(d).sum()
+    return float((reached.sum() + extra) / (len(signs) + extra))

@@ -9,12 +9,17 @@ import pytest
 from scipy import stats as scipy_stats
 
 import neuromodulation_summary as ns
-from stats import holm
+from stats import holm, sign_flip_test, sign_test
 
 AUROC = "novelty | novel: test split | whole-batch | signal AUROC"
 RATIO = "plasticity | OOD: contrast inverted | F's update over 20 steps, ratio to familiar"
 RHO = "dose-response | contrast | Spearman rho(signal, surprisal)"
-NULLS = {AUROC: 0.5, RATIO: 1.0, RHO: 0.0}
+# the primary family's names, as neuromodulation.py writes them
+WAKE = "wake-sleep | trained | signal AUROC, wake > sleep"
+NOVEL_CLASS = "novelty | trained | novel class: test split, labels 5 6 7 8 9 | oddball | signal AUROC"
+WITHIN = "dose-response | trained | all axes | rho(signal, surprisal) within levels, mean over axes"
+STREAM = "familiarization | trained | gate | novel vs batch auroc (mean over streams)"
+NULLS = {AUROC: 0.5, RATIO: 1.0, RHO: 0.0, WAKE: 0.5, NOVEL_CLASS: 0.5, WITHIN: 0.0, STREAM: 0.5}
 
 
 def write_run(folder, values, layout="run", checkpoint=None):
@@ -51,7 +56,9 @@ def test_one_effect_matches_numbers_by_hand(tmp_path):
     assert [row["low"], row["high"]] == pytest.approx([np.mean(values) - half, np.mean(values) + half])
     assert (row["above"], row["below"], row["equal"]) == (3, 1, 0)
     assert row["p"] == pytest.approx(scipy_stats.ttest_1samp(values, 0.5).pvalue)
-    assert row["p_holm"] == pytest.approx(row["p"])  # a family of one
+    assert row["p_sign"] == pytest.approx(scipy_stats.binomtest(3, 4).pvalue)
+    assert row["p_permutation"] == sign_flip_test(values, 0.5)
+    assert not row["primary"] and math.isnan(row["p_sign_holm"])  # exploratory: of no family
     assert row["flags"] == ["runs disagree in sign"]
     assert row["values"] == {f"seed{i}": v for i, v in enumerate(values)}
 
@@ -68,56 +75,70 @@ def test_holm_directly():
     assert holm([0.2, 0.9]) == pytest.approx([0.4, 0.9])
 
 
-# The p-value of each effect below, given by a stand-in t_test keyed by the effect's first value, so that
-# the family's Holm values are the hand-computed ones of test_holm_directly: sorted, d 0.005 x 4 = 0.02,
-# a 0.01 x 3 = 0.03, c 0.03 x 2 = 0.06, b 0.04 x 1 = 0.04 -> 0.06 (running maximum). The two untested
-# effects (two runs; no spread) have no p, are not of the family (m = 4, not 6) and get no Holm p.
-FAMILY = {"a": [1.0, 2.0, 3.0], "two runs": [13.0, 14.0, "absent"], "b": [4.0, 5.0, 6.5],
-          "no spread": [0.7, 0.7, 0.7], "c": [7.0, 8.0, 9.5], "d": [10.0, 11.0, 12.5]}
-FAMILY_P = {1.0: 0.01, 4.0: 0.04, 7.0: 0.03, 10.0: 0.005}
-FAMILY_HOLM = {"a": 0.03, "b": 0.06, "c": 0.06, "d": 0.02}
+# The sign test's p of each effect below, given by a stand-in keyed by the effect's first value, so
+# that the primary family's Holm values are the hand-computed ones of test_holm_directly: sorted, d
+# 0.005 x 4 = 0.02, a 0.01 x 3 = 0.03, c 0.03 x 2 = 0.06, b 0.04 x 1 = 0.04 -> 0.06 (running maximum).
+# The exploratory effects (one with a p far below the family's) are of no family, and the primary
+# effect of two runs is not tested: m = 4, not 6 or 7.
+FAMILY = {WAKE: [1.0, 2.0, 3.0], STREAM + " of two runs": [13.0, 14.0, "absent"], NOVEL_CLASS: [4.0, 5.0, 6.5],
+          AUROC: [0.0001, 0.2, 0.3], WITHIN: [7.0, 8.0, 9.5], STREAM: [10.0, 11.0, 12.5], RATIO: [0.7, 0.7, 0.8]}
+FAMILY_P = {1.0: 0.01, 4.0: 0.04, 7.0: 0.03, 10.0: 0.005, 0.0001: 1e-9, 0.7: 0.5}
+FAMILY_HOLM = {WAKE: 0.03, NOVEL_CLASS: 0.06, WITHIN: 0.06, STREAM: 0.02}
 
 
-def test_holm_over_the_family_of_effects(tmp_path, monkeypatch):
-    asked = []
-
-    def t_test(values, null):
-        asked.append(values[0])
-        return FAMILY_P[values[0]]  # a KeyError for an effect that should not be tested
-
-    monkeypatch.setattr(ns, "t_test", t_test)
+def test_holm_over_the_named_primary_family_alone(tmp_path, monkeypatch):
+    monkeypatch.setattr(ns, "sign_test", lambda values, null: FAMILY_P[values[0]])
+    monkeypatch.setattr(ns, "sign_flip_test", lambda values, null: 2 * FAMILY_P[values[0]])
+    monkeypatch.setattr(ns, "PRIMARY", ns.PRIMARY + (STREAM + " of two runs",))
     rows = rows_of(runs_of(tmp_path, FAMILY))
-    assert list(rows) == list(FAMILY) and sorted(asked) == sorted(FAMILY_P)
-    assert {name: rows[name]["p"] for name in FAMILY_HOLM} == {"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.005}
-    assert {name: rows[name]["p_holm"] for name in FAMILY_HOLM} == pytest.approx(FAMILY_HOLM)
-    assert math.isnan(rows["two runs"]["p_holm"]) and math.isnan(rows["no spread"]["p_holm"])
+    assert [name for name in rows if rows[name]["primary"]] == [WAKE, STREAM + " of two runs", NOVEL_CLASS, WITHIN,
+                                                                 STREAM]
+    assert {name: rows[name]["p_sign_holm"] for name in FAMILY_HOLM} == pytest.approx(FAMILY_HOLM)
+    assert {name: rows[name]["p_permutation_holm"] for name in FAMILY_HOLM} == pytest.approx(
+        {name: min(1.0, 2 * p) for name, p in FAMILY_HOLM.items()})
+    for name in (AUROC, RATIO, STREAM + " of two runs"):  # exploratory, or too few runs: no Holm p
+        assert math.isnan(rows[name]["p_sign_holm"]) and math.isnan(rows[name]["p_permutation_holm"])
+    assert rows[AUROC]["p_sign"] == 1e-9  # computed, but no family's member
 
 
-def test_holm_over_real_t_tests(tmp_path):
-    columns = {AUROC: [0.61, 0.74, 0.58, 0.82], RATIO: [1.3, 0.9, 1.6, 1.2], RHO: [0.02, 0.2, -0.1, 0.15]}
+def test_the_primary_family_with_real_tests(tmp_path):
+    """Three primary effects of eight runs: the sign test's ps by scipy's binomial test, 2/256, 18/256 and
+    1 (four of eight above), Holm's factors 3, 2, 1 in that order; an exploratory effect beside them
+    all above its null changes nothing."""
+    columns = {WAKE: [0.6, 0.7, 0.8, 0.9, 0.55, 0.65, 0.75, 0.85], NOVEL_CLASS: [0.6, 0.7, 0.8, 0.9, 0.55, 0.65, 0.75, 0.4],
+               STREAM: [0.6, 0.7, 0.4, 0.3, 0.55, 0.65, 0.45, 0.35], AUROC: [0.9] * 7 + [0.91]}
     rows = rows_of(runs_of(tmp_path, columns))
-    p_auroc, p_ratio, p_rho = [scipy_stats.ttest_1samp(vs, NULLS[name]).pvalue for name, vs in columns.items()]
-    assert [rows[name]["p"] for name in columns] == pytest.approx([p_auroc, p_ratio, p_rho])
-    assert p_auroc < p_ratio < p_rho  # 0.044, 0.18, 0.39: Holm's factors 3, 2, 1 in this order
-    assert [rows[name]["p_holm"] for name in columns] == pytest.approx([3 * p_auroc, 2 * p_ratio, p_rho])
-    assert 3 * p_auroc < 2 * p_ratio < p_rho  # (so the running maximum changes nothing)
+    ps = [scipy_stats.binomtest(k, 8).pvalue for k in (8, 7, 4)]
+    assert [rows[name]["p_sign"] for name in (WAKE, NOVEL_CLASS, STREAM)] == pytest.approx(ps)
+    assert ps == pytest.approx([2 / 256, 18 / 256, 1.0])
+    assert [rows[name]["p_sign_holm"] for name in (WAKE, NOVEL_CLASS, STREAM)] == pytest.approx([6 / 256, 36 / 256, 1])
+    assert [rows[name]["p_permutation"] for name in (WAKE, NOVEL_CLASS, STREAM)] == [
+        sign_flip_test(columns[name], 0.5) for name in (WAKE, NOVEL_CLASS, STREAM)]
+    assert rows[WAKE]["p_permutation"] == 2 / 256  # all eight above: only they and their mirror reach it
+    assert math.isnan(rows[AUROC]["p_sign_holm"])
 
 
-def test_an_effect_of_two_runs_is_flagged_and_left_out_of_the_family(tmp_path):
-    columns = {AUROC: [0.61, 0.74, 0.58, 0.82], RATIO: [1.3, 0.9, 1.6, 1.2],
-               "extra": [0.3, "absent", 0.4, "absent"]}
-    rows = rows_of(runs_of(tmp_path, columns))
-    assert rows["extra"]["n"] == 2 and math.isnan(rows["extra"]["p"]) and math.isnan(rows["extra"]["p_holm"])
-    assert rows["extra"]["flags"] == ["fewer than 3 runs: not tested"]
-    p_auroc, p_ratio = [scipy_stats.ttest_1samp(columns[name], NULLS[name]).pvalue for name in (AUROC, RATIO)]
-    assert 2 * p_auroc < p_ratio  # 0.044, 0.18: factors 2 and 1 (m = 2, not 3)
-    assert [rows[AUROC]["p_holm"], rows[RATIO]["p_holm"]] == pytest.approx([2 * p_auroc, p_ratio])
+def test_trained_minus_control_run_by_run(tmp_path):
+    """Each run's trained value minus its control's, for the measure both were measured on; a run
+    without the control's value gives no difference."""
+    paths = []
+    for i, (trained, control) in enumerate(((0.8, 0.6), (0.9, 0.5), (0.7, 0.65), (0.75, None))):
+        effects = [{"effect": f"novelty | {label} | novel | signal AUROC", "value": v, "null": 0.5,
+                    "measure": "novelty | novel | signal AUROC", "networks": label}
+                   for label, v in (("trained", trained), ("initialization", control))]
+        (tmp_path / f"r{i}.json").write_text(json.dumps([{"effects": effects}]))
+        paths.append(str(tmp_path / f"r{i}.json"))
+    row = rows_of(paths)["novelty | trained - initialization | novel | signal AUROC"]
+    assert row["null"] == 0.0 and row["n"] == 3 and not row["primary"]
+    assert list(row["values"].values()) == pytest.approx([0.2, 0.4, 0.05])
+    assert row["mean"] == pytest.approx(np.mean([0.2, 0.4, 0.05]))
+    assert rows_of(paths)["novelty | trained | novel | signal AUROC"]["n"] == 4
 
 
 def test_runs_that_agree_exactly_are_flagged_not_tested(tmp_path):
-    rows = rows_of(runs_of(tmp_path, {AUROC: [0.7, 0.7, 0.7], RATIO: [1.3, 0.9, 1.6]}))
-    assert rows[AUROC]["flags"] == ["no spread across runs: not tested"] and math.isnan(rows[AUROC]["p_holm"])
-    assert rows[RATIO]["p_holm"] == pytest.approx(rows[RATIO]["p"])  # a family of one
+    rows = rows_of(runs_of(tmp_path, {WAKE: [0.7, 0.7, 0.7], STREAM: [1.3, 0.9, 1.6]}))
+    assert rows[WAKE]["flags"] == ["no spread across runs: not tested"] and math.isnan(rows[WAKE]["p_sign_holm"])
+    assert rows[STREAM]["p_sign_holm"] == pytest.approx(rows[STREAM]["p_sign"])  # a family of one
 
 
 def test_an_unmeasured_value_is_skipped(tmp_path):
@@ -190,7 +211,7 @@ def test_out_writes_json_and_markdown_that_round_trip(tmp_path, capsys):
         for key, value in expected[r["effect"]].items():
             assert r[key] == (None if isinstance(value, float) and math.isnan(value) else value), key
     md = (out / "summary.md").read_text()
-    assert "runs: seed0, seed1, seed2, seed3" in md and "all 2 tested effects" in md
+    assert "runs: seed0, seed1, seed2, seed3" in md and "this family of 0 tested effects" in md
     assert "| 3+ 1- |" in md and "python neuromodulation_summary.py" in md
     assert md.split("\n\nruns:")[0] in capsys.readouterr().out  # the table printed is the one written
 
