@@ -2,18 +2,21 @@
 """The wake/sleep discriminator as a neuromodulator: record it, and put a trained model through
 the protocols by which cholinergic and novelty responses are studied (docs/neuromodulation.md).
 
-    python neuromodulation.py --path RUN                       # every experiment, on the run's data
-    python neuromodulation.py --path RUN --experiments dose-response --controls init RUN/checkpoint_epoch2.pth.tar
+    python neuromodulation.py --path RUN                       # every experiment, on the run's data and seed
+    python neuromodulation.py --path RUN --early RUN/checkpoint_epoch2.pth.tar   # one more control
     python neuromodulation_summary.py RUN1 RUN2 ...            # each effect across runs (seeds)
 
 The paper maps D's score of the network's state onto a neuromodulator (#1, putatively
 acetylcholine): high in wake, pushed down in sleep, and projected back to gate the plasticity of
 the feedforward (inference) connections. recording.py records each input's signal, gate, weight
 and generative surprisal by the training step's own code; neuromodulation_experiments.py holds the
-experiments. This script is the command line: its flags and their checks, and the order of the
-experiments; neuromodulation_records.py turns the recordings into effects (each with an interval
-whose unit is the scored batch) and the records that neuromodulation_summary.py compares across runs;
-neuromodulation_report.py prints their tables and draws the figures into --out.
+experiments. Every experiment runs on the trained networks and on each control (--controls: the
+networks at initialization by default; --early: an early checkpoint), on inputs drawn from the
+run's own seed unless --seed is given. This script is the command line: its flags and their
+checks, and the order of the experiments; neuromodulation_records.py turns the recordings into
+effects (each with an interval whose unit is the scored batch) and the records that
+neuromodulation_summary.py compares across runs; neuromodulation_report.py prints their tables
+and draws the figures into --out.
 """
 import argparse
 import datetime
@@ -25,8 +28,9 @@ import train
 from checkpoint import add_checkpoint_flags, dataset_of, load_networks, resolve_checkpoint_path
 from data import DATASETS, channels_of
 from losses import StepConfig
-from neuromodulation_records import (dose_records, familiarization_effects, familiarization_record, novelty_records,
-                                     plasticity_records, wake_sleep_records)
+from neuromodulation_records import (control_stream_effects, dose_records, familiarization_effects,
+                                     familiarization_record, novelty_records, of_networks, plasticity_records,
+                                     wake_sleep_records)
 from neuromodulation_report import (plot_conditions, plot_dose, plot_familiarization, print_dose, print_familiarization,
                                     print_novelty, print_plasticity, print_wake_sleep)
 from step import check_d_gradients
@@ -48,8 +52,12 @@ def get_parser():
                    help="oddball design: probes per batch, the other -b minus M familiar")
     p.add_argument("--n-oddball", type=int, default=200, help="oddball design: probes per condition")
     p.add_argument("--controls", nargs="*", default=["init"], metavar="init|CHECKPOINT",
-                   help="dose-response: the same curves for other networks: init (the run's networks untrained, "
-                        "same flags and seed) and checkpoints of the run (e.g. an early checkpoint_epochE.pth.tar)")
+                   help="networks every experiment also runs on, beside the trained ones, in the same records and "
+                        "tables: init (the run's networks untrained, same flags and the run's seed, fresh Adam) and "
+                        "checkpoints of the run (labelled by their epoch)")
+    p.add_argument("--early", default=None, metavar="CHECKPOINT",
+                   help="an early checkpoint of the run (train.py --save-every), one more control, labelled 'early' "
+                        "whatever its epoch, so that the summary pairs it across runs")
     p.add_argument("--sustained-steps", type=int, default=20,
                    help="plasticity: training steps on a condition over which F's update is measured")
     p.add_argument("--ood-dataset", default=None, choices=DATASETS,
@@ -64,7 +72,10 @@ def get_parser():
     p.add_argument("--novel-rate", type=float, default=0.25,
                    help="familiarization: chance that a step's batch has one repeated image replaced by a novel one")
     p.add_argument("--bootstrap", type=int, default=2000, help="resamples of each bootstrap interval")
-    p.add_argument("--seed", type=int, default=0, help="seed of the inputs drawn, the networks' noise and the streams")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the inputs drawn, the oddball positions, the networks' noise and the streams "
+                        "(default: the run's own seed, from its checkpoint, so that runs of several seeds draw "
+                        "images of their own)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--gpu", type=int, default=None, help="CUDA device index (implies --device cuda)")
     p.add_argument("--json", default=None, metavar="FILE.jsonl", help="append one record per condition here")
@@ -77,7 +88,7 @@ def check_args(args, parser):
     problems = [f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}"
                 for k in ("n_images", "repeats", "presentations", "bootstrap", "streams", "n_oddball", "sustained_steps")
                 if getattr(args, k) < 1]
-    if args.seed < 0:  # numpy's generators (the bootstrap) take no negative seed
+    if args.seed is not None and args.seed < 0:  # numpy's generators (the bootstrap) take no negative seed
         problems.append(f"--seed must not be negative, got {args.seed}")
     if args.batch_size < 2:
         problems.append(f"-b must be at least 2 (BatchNorm and the minibatch std need two samples), got "
@@ -123,55 +134,88 @@ def setup(args):
                         f"trained, so there is no neuromodulator to record; nothing was computed")
     nets.train()
     hp = check_d_gradients(nets, StepConfig.from_args(run_flags))
-    return ex.Setup(args, nets, hp, run_flags, state, path, dataset, data, device)
+    seed, seed_from = image_seed(args, state)
+    return ex.Setup(args, nets, hp, run_flags, state, path, dataset, data, device, seed, seed_from)
+
+
+def image_seed(args, state):
+    """(seed, where it came from) of every draw of the experiments: --seed where given, else the run's."""
+    if args.seed is not None:
+        return args.seed, "--seed"
+    if state.get("seed") is None:  # (every checkpoint train.py writes records its seed)
+        return 0, "0: the checkpoint records no seed"
+    return int(state["seed"]), "run"
 
 
 def control_networks(s):
-    """[(label, networks)] of --controls: init, and checkpoints of the same architecture (checked before any work)."""
+    """[ex.Subject] of --controls and --early: init, and checkpoints of the same architecture, each
+    label once (an effect's name carries it); checked before any work."""
+    asked = [("--controls", c) for c in s.args.controls] + ([("--early", s.args.early)] if s.args.early else [])
     controls = []
-    for c in s.args.controls:
-        if c == "init":
-            controls.append(("initialization", ex.initial_networks(s)))
+    for flag, c in asked:
+        if flag == "--controls" and c == "init":
+            controls.append(ex.initial_networks(s))
             continue
         state, nets = load_networks(resolve_checkpoint_path(c), s.device)
         if nets.cfg != s.nets.cfg:
-            raise UserError(f"--controls {c}: another architecture than {s.checkpoint}'s; nothing was computed")
-        nets.train()
-        controls.append((f"epoch {state.get('epoch')}", nets))
+            raise UserError(f"{flag} {c}: another architecture than {s.checkpoint}'s; nothing was computed")
+        controls.append(ex.of_checkpoint("early" if flag == "--early" else f"epoch {state.get('epoch')}", state, nets))
+    labels = [c.label for c in controls]
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:
+        raise UserError(f"--controls/--early: more than one control is {', '.join(map(repr, twice))}; give each "
+                        f"once; nothing was computed")
     return controls
 
 
-def run_experiments(s, controls, out):
-    """Every experiment asked for, in order: its records (tables printed and figures drawn on the way)."""
+def one_experiment(s, experiment, subject, inputs, out):
+    """One experiment on one subject's networks: its records, tagged with whose they are, and its
+    table printed; the trained networks' figure drawn (the dose-response's, of every subject, by
+    run_experiments)."""
+    figure = subject.label == "trained"
+    if experiment == "wake-sleep":
+        conditions, reference = ex.wake_sleep(s, subject.nets)
+        found, show = wake_sleep_records(s, conditions, reference), print_wake_sleep
+        if figure:
+            plot_conditions("wake and sleep", conditions, os.path.join(out, "wake-sleep.png"))
+    elif experiment == "novelty":
+        whole, oddball = ex.novelty(s, inputs["novelty"], subject.nets)
+        found, show = novelty_records(s, whole, oddball), print_novelty
+        if figure:
+            plot_conditions("familiar, novel and out-of-distribution inputs (whole-batch)", list(whole.items()),
+                            os.path.join(out, "novelty.png"))
+    elif experiment == "dose-response":
+        found, show = dose_records(s, ex.dose_response(s, subject.nets, inputs["dose"])), print_dose
+    elif experiment == "plasticity":
+        found, show = plasticity_records(s, ex.plasticity(s, inputs["novelty"], subject)), print_plasticity
+    else:
+        streams = [ex.familiarization(s, i, subject) for i in range(s.args.streams)]
+        controls = [ex.control_stream(s, i, subject) for i in range(s.args.streams)]
+        found = [familiarization_record([familiarization_effects(st) for st in streams],
+                                        [control_stream_effects(*c) for c in controls])]
+        show = lambda records: print_familiarization(records[0])  # noqa: E731 (one record, of all streams)
+        if figure:
+            plot_familiarization(streams[0], os.path.join(out, "familiarization.png"))
+    found = of_networks(found, subject)
+    print(f"\n[{experiment}: {subject.label} networks, epoch {subject.epoch}, {subject.steps} steps]", end="")
+    show(found)
+    return found
+
+
+def run_experiments(s, subjects, out):
+    """Every experiment asked for, in order, each on every subject (the trained networks, then each
+    control): their records (tables printed and figures drawn on the way)."""
+    wanted = set(s.args.experiments)
+    # drawn once for every subject and both experiments that score them (the OOD dataset is read,
+    # and said, once): a control sees the very images the trained networks see
+    inputs = {"novelty": ex.novelty_inputs(s) if {"novelty", "plasticity"} & wanted else None,
+              "dose": ex.dose_inputs(s) if "dose-response" in wanted else None}
     records = []
-    # drawn once for both experiments that score them (the OOD dataset is read, and said, once)
-    novelty_inputs = ex.novelty_inputs(s) if {"novelty", "plasticity"} & set(s.args.experiments) else None
-    if "wake-sleep" in s.args.experiments:
-        conditions, reference = ex.wake_sleep(s)
-        records += (found := wake_sleep_records(s, conditions, reference))
-        print_wake_sleep(found)
-        plot_conditions("wake and sleep", conditions, os.path.join(out, "wake-sleep.png"))
-    if "novelty" in s.args.experiments:
-        whole, oddball = ex.novelty(s, novelty_inputs)
-        records += (found := novelty_records(s, whole, oddball))
-        print_novelty(found)
-        plot_conditions("familiar, novel and out-of-distribution inputs (whole-batch)", list(whole.items()),
-                        os.path.join(out, "novelty.png"))
-    if "dose-response" in s.args.experiments:
-        inputs, found = ex.dose_inputs(s), []
-        for label, nets in [("trained", s.nets)] + controls:
-            found += dose_records(s, label, ex.dose_response(s, nets, inputs))
-        print_dose(found)
-        plot_dose(found, os.path.join(out, "dose-response.png"))
+    for experiment in (e for e in EXPERIMENTS if e in wanted):
+        found = [r for subject in subjects for r in one_experiment(s, experiment, subject, inputs, out)]
+        if experiment == "dose-response":
+            plot_dose(found, os.path.join(out, "dose-response.png"))
         records += found
-    if "plasticity" in s.args.experiments:
-        records += (found := plasticity_records(s, ex.plasticity(s, novelty_inputs)))
-        print_plasticity(found)
-    if "familiarization" in s.args.experiments:
-        streams = [ex.familiarization(s, i) for i in range(s.args.streams)]
-        records.append(found := familiarization_record([familiarization_effects(st) for st in streams]))
-        print_familiarization(found)
-        plot_familiarization(streams[0], os.path.join(out, "familiarization.png"))
     return records
 
 
@@ -181,15 +225,16 @@ def neuromodulation(args):
     problem = unwritable_folder(out)  # before the work, which a figure or records.json could not keep
     if problem:
         raise UserError(f"--out {out} cannot be written ({problem}); nothing was computed")
-    controls = control_networks(s) if "dose-response" in args.experiments else []
+    subjects = [ex.trained(s)] + control_networks(s)
     common = {"checkpoint": os.path.abspath(s.checkpoint), "epoch": s.state.get("epoch"), "model": s.state["model"],
               "dataset": s.dataset, "data": os.path.abspath(s.data) if s.data else None,
               "classes": s.run_flags.classes, "d_gradients": s.hp.d_gradients, "batch_size": args.batch_size,
+              "image_seed": s.seed, "image_seed_from": s.seed_from,
               "flags": vars(args), "time": datetime.datetime.now().isoformat(timespec="seconds")}
     print(f"{s.checkpoint}: epoch {s.state.get('epoch')}, gamma {s.hp.gamma}, {s.dataset}"
           f"{'' if s.run_flags.classes is None else ', classes ' + ' '.join(map(str, s.run_flags.classes))}; "
-          f"networks in training mode, as the step runs them")
-    records = [{**common, **r} for r in run_experiments(s, controls, out)]
+          f"networks in training mode, as the step runs them; images drawn from seed {s.seed} ({s.seed_from})")
+    records = [{**common, **r} for r in run_experiments(s, subjects, out)]
     write_json(os.path.join(out, "records.json"), records)
     if args.json:
         for r in records:

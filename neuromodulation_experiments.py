@@ -7,8 +7,14 @@ surprisal); neuromodulation.py turns them into effects, tables and figures.
 - novelty: familiar (training split), novel exemplars (test split), novel classes (test images of
   labels the run never saw, train.py --classes) and out-of-distribution inputs.
 - dose_response: the familiar images moved away from the data step by step along several axes.
-- plasticity: what F's weights do with each condition: D's gradient into F, and F's Adam update.
-- familiarization: training goes on, on streams of repeated images with rare novel ones.
+- plasticity: what F's weights do with each condition: D's gradient into F, and F's Adam update,
+  from whole training steps and from D's term alone (gate_step).
+- familiarization: training goes on, on streams of repeated images with rare novel ones, and on
+  control streams of as many images with no repetition (control_stream).
+
+Each runs on a Subject: the trained networks, or a control (the same networks at initialization,
+an early checkpoint), with the Adam state training goes on from. Every draw comes from Setup.seed,
+the run's own seed unless --seed is given.
 
 Two designs score a condition. Whole-batch: batches of its own, as training scores a batch. But in
 training mode F's BatchNorm normalizes a batch by its own statistics and D's minibatch-std feature
@@ -24,12 +30,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import checkpoint
 import losses
 from data import class_labels, split_images
 from losses import StepConfig
 from models import Networks
 from recording import record_dreams, record_images, record_oddball
-from step import NonFiniteError, make_optimizers, training_mode, training_step
+from step import NonFiniteError, _update, make_optimizers, training_mode, training_step
 from utils import UserError, progress_bar
 
 FAMILIAR = "familiar: training split"
@@ -101,12 +108,17 @@ class Setup:
     dataset: str
     data: str
     device: torch.device
+    # The seed that draws every input, oddball position, stream and noise: the run's own (its
+    # checkpoint's) unless --seed is given, so that runs of several seeds are independent draws of
+    # images as well as of weights; seed_from says which ("run" or "--seed").
+    seed: int
+    seed_from: str
 
     def images(self, train, n, name, classes="run"):
         """n images of a split, seeded by name: of the run's classes (train.py --classes), or of `classes`."""
         if classes == "run":
             classes = self.run_flags.classes if self.dataset == self.run_flags.dataset else None
-        seed = condition_seed(self.args.seed, name)
+        seed = condition_seed(self.seed, name)
         return split_images(self.dataset, self.data, self.nets.cfg.image_size, train, n, seed, classes).to(self.device)
 
     def novel_classes(self):
@@ -121,7 +133,7 @@ class Setup:
         if not a.ood_dataset:
             return None
         ood = split_images(a.ood_dataset, a.ood_data, self.nets.cfg.image_size, False, n,
-                           condition_seed(a.seed, "ood"))
+                           condition_seed(self.seed, "ood"))
         ood, how = with_channels(ood, self.nets.cfg.channels)
         if len(ood) < a.batch_size:
             raise UserError(f"--ood-data {a.ood_data} holds {len(ood)} images, fewer than one batch (-b {a.batch_size})")
@@ -131,33 +143,62 @@ class Setup:
         """The whole-batch design: the images in batches of their own, from the condition's seed."""
         if len(images) < self.args.batch_size:
             raise UserError(f"{name}: {len(images)} images, fewer than one batch (-b {self.args.batch_size})")
-        torch.manual_seed(condition_seed(self.args.seed, name))
+        torch.manual_seed(condition_seed(self.seed, name))
         return record_images(nets or self.nets, self.hp, images, self.args.batch_size)
 
     def record_oddball(self, name, probes, familiar, nets=None):
         """The oddball design: --oddballs probes in each batch of familiar images, from the condition's seed."""
         a = self.args
-        torch.manual_seed(condition_seed(a.seed, "oddball " + name))
+        torch.manual_seed(condition_seed(self.seed, "oddball " + name))
         return record_oddball(nets or self.nets, self.hp, probes[:a.n_oddball], familiar, a.oddballs, a.batch_size)
 
 
-def initial_networks(s: Setup):
-    """The run's networks as train.py initializes them (same flags, same seed), untrained: the control
-    for an effect of the architecture or of D's penalty rather than of learning."""
-    torch.manual_seed(s.state.get("seed") or 0)
-    nets = Networks(s.nets.cfg).to(s.device)
+@dataclass
+class Subject:
+    """Networks an experiment is run on: the trained ones, or a control beside them. `optimizers`
+    holds the Adam states that training goes on from (plasticity, familiarization); None is fresh
+    Adam, as a run starts. epoch and steps say how far the networks trained."""
+    label: str  # "trained", "initialization", "early" or "epoch E": the name its effects carry
+    nets: Networks
+    optimizers: dict = None
+    epoch: int = None
+    steps: int = None
+
+
+def steps_of(state):
+    """Training steps behind a checkpoint: each finished epoch's (its history row) and the current one's."""
+    return sum(row.get("steps", 0) for row in state.get("history") or []) + (state.get("step") or 0)
+
+
+def of_checkpoint(label, state, nets):
+    """A checkpoint's networks in training mode; a missing optimizer state is refused by the
+    experiments that continue training (an empty one: not None, which is fresh Adam)."""
     nets.train()
-    return nets
+    return Subject(label, nets, state.get("optimizers") or {}, state.get("epoch"), steps_of(state))
+
+
+def trained(s: Setup):
+    return of_checkpoint("trained", s.state, s.nets)
+
+
+def initial_networks(s: Setup):
+    """The run's networks as train.py initializes them (same flags, the run's own seed whatever
+    --seed says), untrained, with fresh Adam: the control for an effect of the architecture, the
+    images or D's penalty rather than of learning."""
+    nets = checkpoint.initial_networks(s.nets.cfg, s.state.get("seed") or 0, s.device)
+    nets.train()
+    return Subject("initialization", nets, None, 0, 0)
 
 
 # --- The experiments --------------------------------------------------------------------------------
 
-def wake_sleep(s: Setup):
-    """Wake states of training images against sleep states G dreams: [(condition, Recording)], the reference."""
-    n = s.args.n_images
-    wake = s.record("wake", s.images(True, n, "familiar"))
-    torch.manual_seed(condition_seed(s.args.seed, "sleep"))
-    sleep = record_dreams(s.nets, s.hp, n, s.args.batch_size, s.device)
+def wake_sleep(s: Setup, nets=None):
+    """Wake states of training images against sleep states G dreams, by `nets` (the run's by
+    default): [(condition, Recording)], the reference."""
+    n, nets = s.args.n_images, nets or s.nets
+    wake = s.record("wake", s.images(True, n, "familiar"), nets)
+    torch.manual_seed(condition_seed(s.seed, "sleep"))
+    sleep = record_dreams(nets, s.hp, n, s.args.batch_size, s.device)
     return [("wake: training images", wake), ("sleep: dreams of G", sleep)], "sleep: dreams of G"
 
 
@@ -171,7 +212,7 @@ def novelty_inputs(s: Setup):
     if other:
         conditions.append((f"novel class: test split, labels {' '.join(map(str, other))}",
                            s.images(False, n, "novel class", classes=other)))
-    conditions += [("OOD: test split, pixels shuffled", pixel_shuffled(novel.cpu(), s.args.seed).to(s.device)),
+    conditions += [("OOD: test split, pixels shuffled", pixel_shuffled(novel.cpu(), s.seed).to(s.device)),
                    ("OOD: test split, contrast inverted", -novel)]
     ood = s.ood(n)
     if ood is not None:
@@ -186,12 +227,13 @@ def oddball_familiar(s: Setup):
     return s.images(True, s.args.n_images, "oddball familiar")
 
 
-def novelty(s: Setup, conditions):
-    """Each of novelty_inputs' conditions in both designs: {condition: Recording} (whole-batch) and
-    {condition: (probes, batch-mates)} (oddball, every condition but the familiar)."""
+def novelty(s: Setup, conditions, nets=None):
+    """Each of novelty_inputs' conditions in both designs, by `nets` (the run's by default):
+    {condition: Recording} (whole-batch) and {condition: (probes, batch-mates)} (oddball, every
+    condition but the familiar)."""
     familiar = oddball_familiar(s)
-    whole = {name: s.record(name, x) for name, x in conditions}
-    oddball = {name: s.record_oddball(name, x, familiar) for name, x in conditions if name != FAMILIAR}
+    whole = {name: s.record(name, x, nets) for name, x in conditions}
+    oddball = {name: s.record_oddball(name, x, familiar, nets) for name, x in conditions if name != FAMILIAR}
     return whole, oddball
 
 
@@ -201,7 +243,7 @@ def dose_inputs(s: Setup):
     images of the oddball batches: drawn once for the trained networks and every control."""
     base = s.images(True, s.args.n_images, "familiar")
     ood = s.ood(len(base))
-    other = ood[0] if ood is not None else pixel_shuffled(s.images(False, len(base), "novel").cpu(), s.args.seed)
+    other = ood[0] if ood is not None else pixel_shuffled(s.images(False, len(base), "novel").cpu(), s.seed)
     if len(other) < len(base):
         other = other.repeat((len(base) + len(other) - 1) // len(other), 1, 1, 1)
     return base, other[:len(base)].to(s.device), oddball_familiar(s)
@@ -218,7 +260,7 @@ def dose_response(s: Setup, nets=None, inputs=None):
         curves[axis] = [(0.0, *at_zero)]
         for level in DOSE_LEVELS[1:]:
             name = f"dose {axis} {level:g}"
-            x = perturbed(axis, base, level, condition_seed(s.args.seed, name), other)
+            x = perturbed(axis, base, level, condition_seed(s.seed, name), other)
             curves[axis].append((level, s.record(name, x, nets), s.record_oddball(name, x, familiar, nets)))
     return curves
 
@@ -229,50 +271,87 @@ def _flat_parameters(net):
     return torch.cat([p.detach().flatten() for p in net.parameters()])
 
 
-def adversarial_gradient_norm(nets, hp, x):
-    """||d (gamma mean_b D(F(x))_b) / d theta_F||: the gradient F's weights get from D for the batch x,
-    as the training step takes it (losses.inference_follows), the networks in training mode."""
+def adversarial_gradient(nets, hp, x):
+    """(F's parameters, d L_F / d each) for L_F = gamma mean_b D(F(x))_b, the term F descends to
+    lower D's score of its wake states (docs/algorithm.md): the gradient F's weights get from D
+    for the batch x, as the training step takes it (losses.d_terms, losses.inference_follows), the
+    networks in training mode; None for a parameter D's term does not reach."""
     F = nets.inference
     with training_mode(nets):
         wake = F(x)
         _, grads, _ = losses.d_terms(nets.discriminator, losses.as_data(wake, x.dtype), hp, graph=False)
         follows = losses.inference_follows(wake, grads, hp.gamma)
         params = [p for p in F.parameters() if p.requires_grad]
-        g = torch.autograd.grad(follows, params, allow_unused=True)
+        return params, torch.autograd.grad(follows, params, allow_unused=True)
+
+
+def adversarial_gradient_norm(nets, hp, x):
+    """||d L_F / d theta_F|| for the batch x (adversarial_gradient)."""
+    _, g = adversarial_gradient(nets, hp, x)
     return float(torch.sqrt(sum((t.double() ** 2).sum() for t in g if t is not None)))
 
 
-def plasticity(s: Setup, conditions):
+def gate_step(nets, optimizers, x, hp):
+    """One step of F on D's term alone, L_F = gamma mean_b D(F(x))_b, through F's own Adam state, with
+    the step's check and clipping (step._update): the update D's gate makes, without the readout
+    critic and the KL term that a whole training step adds at gamma < 1. Only F moves."""
+    params, grads = adversarial_gradient(nets, hp, x)
+    for p in nets.inference.parameters():
+        p.grad = None
+    for p, g in zip(params, grads):
+        p.grad = g
+    _update(nets, optimizers, ["inference"], {}, hp, check_finite=True, average=None)
+
+
+def plasticity(s: Setup, conditions, subject=None):
     """For each (condition, images): D's gradient into F per batch (its norm), and the size of F's
-    actual Adam update after one training step and after --sustained-steps on batches of the
-    condition, each from the checkpoint's networks and optimizer state (on a copy: the loaded
-    model and the file stay as they were). {condition: {"gradient": [per batch], "update_1", "update_n"}}."""
-    B, out = s.args.batch_size, {}
+    Adam update after one step and after --sustained-steps on batches of the condition, two ways:
+    whole training steps, and F's steps on D's term alone (gate_step, D fixed). Each from the
+    subject's networks and optimizer state (the trained ones by default; on copies: the loaded model
+    and the file stay as they were).
+    {condition: {"gradient": [per batch], "update_1", "update_n", "gate_update_1", "gate_update_n"}}."""
+    B, out, subject = s.args.batch_size, {}, subject or trained(s)
     for name, x in progress_bar(conditions, desc="plasticity", unit="condition", leave=False):
         batches = list(x[:len(x) // B * B].split(B))
-        torch.manual_seed(condition_seed(s.args.seed, "plasticity " + name))
-        gradient = [adversarial_gradient_norm(s.nets, s.hp, b) for b in batches]
-        nets = copy.deepcopy(s.nets)
-        optimizers = _optimizers_of(s, nets)
-        start, sizes = _flat_parameters(nets.inference), []
-        for t in range(s.args.sustained_steps):
-            try:
-                training_step(nets, optimizers, batches[t % len(batches)], s.hp)
-            except NonFiniteError as e:
-                raise UserError(f"plasticity, {name}, step {t + 1}: non-finite {e}; nothing was written") from None
-            sizes.append(float((_flat_parameters(nets.inference) - start).norm()))
-        out[name] = {"gradient": gradient, "update_1": sizes[0], "update_n": sizes[-1]}
+        torch.manual_seed(condition_seed(s.seed, "plasticity " + name))
+        gradient = [adversarial_gradient_norm(subject.nets, s.hp, b) for b in batches]
+        whole = _update_sizes(s, subject, batches, training_step, name)
+        torch.manual_seed(condition_seed(s.seed, "plasticity, the gate alone, " + name))
+        gate = _update_sizes(s, subject, batches, gate_step, name)
+        out[name] = {"gradient": gradient, "update_1": whole[0], "update_n": whole[-1], "gate_update_1": gate[0],
+                     "gate_update_n": gate[-1]}
     return out
 
 
-def _optimizers_of(s: Setup, nets=None):
-    """Adam for `nets` (the run's), from the checkpoint's optimizer state."""
-    optimizers = make_optimizers(nets or s.nets, s.run_flags)
+def _update_sizes(s: Setup, subject, batches, step, name):
+    """||theta_F - theta_F at the start|| after each of --sustained-steps steps `step` (training_step or
+    gate_step) on the batches in turn, from a copy of the subject's networks and Adam state."""
+    nets = copy.deepcopy(subject.nets)
+    optimizers = _optimizers_of(s, nets, subject)
+    start, sizes = _flat_parameters(nets.inference), []
+    for t in range(s.args.sustained_steps):
+        try:
+            step(nets, optimizers, batches[t % len(batches)], s.hp)
+        except NonFiniteError as e:
+            raise UserError(f"plasticity, {name}, step {t + 1}: non-finite {e}; nothing was written") from None
+        sizes.append(float((_flat_parameters(nets.inference) - start).norm()))
+    return sizes
+
+
+def _optimizers_of(s: Setup, nets, subject):
+    """Adam for `nets`, a copy of the subject's networks, from the subject's optimizer state (fresh
+    where it has none: the networks at initialization)."""
+    optimizers = make_optimizers(nets, s.run_flags)
+    if subject.optimizers is None:
+        return optimizers
     try:
         for name, opt in optimizers.items():
-            opt.load_state_dict(s.state["optimizers"][name])
+            # a copy: Adam's load_state_dict keeps the very tensors it is given and steps them in
+            # place, so every condition and stream after the first would start from a moved state
+            opt.load_state_dict(copy.deepcopy(subject.optimizers[name]))
     except (KeyError, ValueError) as e:
-        raise UserError(f"{s.checkpoint} has no usable optimizer state to continue training from ({e})") from None
+        raise UserError(f"the {subject.label} networks' checkpoint has no usable optimizer state to continue "
+                        f"training from ({e})") from None
     return optimizers
 
 
@@ -291,38 +370,65 @@ class Stream:
         return np.where(self.shown >= 0, getattr(self, key), np.nan)
 
 
-def familiarization(s: Setup, stream_index):
-    """Training goes on from the checkpoint (its optimizers too), with the run's step and flags, on a
-    stream of batches of K repeated test images, in which a novel test image replaces one of them at
-    random steps. Each batch is recorded before the step it trains. Every stream has its own images
-    and seed; the networks are a copy: the loaded model and the file on disk stay as they were."""
+def familiarization(s: Setup, stream_index, subject=None):
+    """Training goes on from the subject's networks and optimizers (the trained ones by default),
+    with the run's step and flags, on a stream of batches of K repeated test images, in which a
+    novel test image replaces one of them at random steps. Each batch is recorded before the step it
+    trains. Every stream has its own images and seed, the same for every subject; the networks are a
+    copy: the loaded model and the file on disk stay as they were."""
     args = s.args
     K, T = args.repeats, args.presentations
     pool = s.images(False, 10 ** 9, f"familiarization {stream_index}")
     if len(pool) <= K:
         raise UserError(f"--repeats {K} needs more than {K} test images (a repeated set and novel ones); the "
                         f"test split has {len(pool)}")
-    nets = copy.deepcopy(s.nets)
-    optimizers = _optimizers_of(s, nets)
-    gen = torch.Generator().manual_seed(condition_seed(args.seed, f"stream {stream_index}"))
+    # the stream drawn first, from a generator of its own: the networks' noise is not among its draws
+    gen = torch.Generator().manual_seed(condition_seed(s.seed, f"stream {stream_index}"))
     repeated, novel = pool[:K], pool[K:]
-    torch.manual_seed(condition_seed(args.seed, f"familiarization noise {stream_index}"))
-    rows, used, wanted = [], 0, 0
-    for t in progress_bar(range(T), desc=f"familiarization, stream {stream_index + 1}", unit="step", leave=False):
+    batches, shown_by_step, used, wanted = [], [], 0, 0
+    for _ in range(T):
         batch, shown = repeated.clone(), torch.arange(K)
         wanted += torch.rand((), generator=gen).item() < args.novel_rate
         if wanted > used and used < len(novel):
             position = int(torch.randint(K, (), generator=gen))
             batch[position], shown[position] = novel[used], -1
             used += 1
-        rows.append((record_images(nets, s.hp, batch, K), shown))
-        try:
-            training_step(nets, optimizers, batch, s.hp)
-        except NonFiniteError as e:
-            raise UserError(f"familiarization step {t + 1}: non-finite {e}; nothing was written") from None
+        batches.append(batch)
+        shown_by_step.append(shown.numpy())
     if wanted > used:
         print(f"note: the {len(novel)} novel test images ran out; {wanted - used} insertions were not made",
               file=sys.stderr)
-    values = [r.numpy() for r, _ in rows]
-    return Stream(*(np.stack([v[k] for v in values]) for k in ("signal", "gate")),
-                  np.stack([shown.numpy() for _, shown in rows]))
+    torch.manual_seed(condition_seed(s.seed, f"familiarization noise {stream_index}"))
+    signal, gate = _train_on(s, subject or trained(s), batches, f"familiarization, stream {stream_index + 1}")
+    return Stream(signal, gate, np.stack(shown_by_step))
+
+
+def control_stream(s: Setup, stream_index, subject=None):
+    """The control of familiarization's stream: as long, with batches as large, of test images with
+    no repetition (each step K images the stream has not shown), so that what training on any
+    stream does to the scores (its drift) is measured apart from repetition. Where the test split
+    holds fewer than K x T images, they recur only once all have been shown: (Stream with every
+    image marked novel, -1; the steps after which images recur, or None)."""
+    K, T = s.args.repeats, s.args.presentations
+    pool = s.images(False, 10 ** 9, f"familiarization control {stream_index}")
+    order = torch.arange(K * T) % len(pool)
+    batches = [pool[order[t * K:(t + 1) * K].to(pool.device)] for t in range(T)]
+    torch.manual_seed(condition_seed(s.seed, f"familiarization control noise {stream_index}"))
+    signal, gate = _train_on(s, subject or trained(s), batches, f"control stream {stream_index + 1}")
+    recur = len(pool) // K if len(pool) < K * T else None
+    return Stream(signal, gate, np.full((T, K), -1)), recur
+
+
+def _train_on(s: Setup, subject, batches, name):
+    """Each batch recorded, then trained on by the run's step, from a copy of the subject's networks
+    and Adam state: the (T, K) signal and gate (summed over h1..h5)."""
+    nets = copy.deepcopy(subject.nets)
+    optimizers = _optimizers_of(s, nets, subject)
+    values = []
+    for t, batch in enumerate(progress_bar(batches, desc=name, unit="step", leave=False)):
+        values.append(record_images(nets, s.hp, batch, len(batch)).numpy())
+        try:
+            training_step(nets, optimizers, batch, s.hp)
+        except NonFiniteError as e:
+            raise UserError(f"{name}, step {t + 1}: non-finite {e}; nothing was written") from None
+    return tuple(np.stack([v[k] for v in values]) for k in ("signal", "gate"))

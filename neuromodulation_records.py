@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 
 import neuromodulation_experiments as ex
-from stats import MIN_BLOCKS, auroc, bootstrap_interval, mean_interval, spearman
+from stats import MIN_BLOCKS, auroc, bootstrap_interval, mean_interval, spearman, within_groups_spearman
 
 
 def effect(name, value, null):
@@ -49,6 +49,19 @@ def rank_correlation(x, y, reps, seed, batch_size):
             "batches": len(x) // batch_size}
 
 
+def of_networks(records, subject):
+    """One subject's records (neuromodulation_experiments.Subject: the trained networks or a control),
+    each saying whose it is. Each effect's name says it after the experiment's ("novelty |
+    initialization | ..."), so that a run's trained and control effects stand apart, and keeps the
+    name without it as its "measure", by which neuromodulation_summary.py pairs trained and control."""
+    for r in records:
+        r.update(networks=subject.label, networks_epoch=subject.epoch, networks_steps=subject.steps)
+        for e in r.get("effects", []):
+            experiment, rest = e["effect"].split(" | ", 1)
+            e.update(effect=f"{experiment} | {subject.label} | {rest}", measure=e["effect"], networks=subject.label)
+    return records
+
+
 # --- Records of each experiment -----------------------------------------------------------------------
 
 def condition_record(s, experiment, name, recording, keys):
@@ -58,7 +71,7 @@ def condition_record(s, experiment, name, recording, keys):
     if "gate" in keys:
         record["gate_by_layer"] = recording.gate.mean(dim=0).tolist()
         record["signal_gate_spearman"] = rank_correlation(values["signal"], values["gate"], s.args.bootstrap,
-                                                          s.args.seed, s.args.batch_size)
+                                                          s.seed, s.args.batch_size)
         record["effects"].append(effect(f"{experiment} | {name} | rho(signal, gate) within the condition",
                                         record["signal_gate_spearman"]["rho"], 0.0))
     return record
@@ -79,7 +92,7 @@ def wake_sleep_records(s, conditions, reference):
         record = condition_record(s, "wake-sleep", name, rec, keys)
         if name != reference:
             values, a = rec.numpy(), s.args
-            record.update(against=reference, comparison={k: compare(values[k], ref[k], a.bootstrap, a.seed,
+            record.update(against=reference, comparison={k: compare(values[k], ref[k], a.bootstrap, s.seed,
                                                                     a.batch_size) for k in ("signal", "surprisal")})
             record["effects"].append(effect("wake-sleep | signal AUROC, wake > sleep",
                                             record["comparison"]["signal"]["auroc"], 0.5))
@@ -98,7 +111,7 @@ def novelty_records(s, whole, oddball):
             values = rec.numpy()
             probes, mates = (r.numpy() for r in oddball[name])
             record["against"] = ex.FAMILIAR
-            record["whole_batch"] = {k: compare(values[k], ref[k], a.bootstrap, a.seed, a.batch_size)
+            record["whole_batch"] = {k: compare(values[k], ref[k], a.bootstrap, s.seed, a.batch_size)
                                      for k in ("signal", "gate", "surprisal")}
             record["oddball"] = {k: oddball_compare(probes[k], mates[k], a.oddballs) for k in ("signal", "gate", "surprisal")}
             record["batch_effect"] = {k: record["oddball"][k]["auroc"] - record["whole_batch"][k]["auroc"]
@@ -115,14 +128,34 @@ def median_band(values, s):
     """The median of per-input values with a 95 % bootstrap interval over the batches they were scored in."""
     a = s.args
     return {"median": float(np.median(values)),
-            "ci": bootstrap_interval(lambda v: float(np.median(v)), (values,), a.bootstrap, a.seed, a.batch_size)}
+            "ci": bootstrap_interval(lambda v: float(np.median(v)), (values,), a.bootstrap, s.seed, a.batch_size)}
 
 
 CURVE_PAIRS = (("signal", "surprisal"), ("gate", "surprisal"), ("signal", "level"), ("gate", "level"),
                ("surprisal", "level"))
+WITHIN_PAIRS = (("signal", "surprisal"), ("gate", "surprisal"))
 
 
-def dose_records(s, model, curves):
+def within_level_correlation(values, x, y, s):
+    """Spearman's rho of x and y within each level, averaged over the levels, with a 95 % bootstrap
+    interval over whole batches (each batch lies within one level, so a resample keeps its level)."""
+    a, triple = s.args, (values[x], values[y], values["level"])
+    return {"rho": within_groups_spearman(*triple),
+            "ci": bootstrap_interval(within_groups_spearman, triple, a.bootstrap, s.seed, a.batch_size, paired=True),
+            "batches": len(values[x]) // a.batch_size}
+
+
+def across_axes_record(axis_records):
+    """The within-level rho of each pair averaged over the axes: one number per model for the
+    dose-response's primary test (docs/neuromodulation.md), which no choice of axis decides."""
+    rho = {f"{x}, {y}": float(np.nanmean([r["within_levels"][f"{x}, {y}"]["rho"] for r in axis_records]))
+           for x, y in WITHIN_PAIRS}
+    return {"experiment": "dose-response", "axis": "all axes", "level": "all", "within_levels_mean": rho,
+            "effects": [effect(f"dose-response | all axes | rho({pair}) within levels, mean over axes", value, 0.0)
+                        for pair, value in rho.items()]}
+
+
+def dose_records(s, curves):
     """Per axis and level: medians with bands, the level against level 0 (whole-batch) and the probes
     against familiar batch-mates (oddball). Per axis: Spearman's rho of signal and gate with the
     surprisal and the level, over every input of every level."""
@@ -131,30 +164,38 @@ def dose_records(s, model, curves):
         base = points[0][1].numpy()
         for level, rec, oddball in points:
             values, (probes, mates) = rec.numpy(), (r.numpy() for r in oddball)
-            record = {"experiment": "dose-response", "model": model, "axis": axis, "level": level,
+            record = {"experiment": "dose-response", "axis": axis, "level": level,
                       "n": len(rec.signal), **{k: median_band(values[k], s) for k in ("signal", "gate", "surprisal")},
                       "oddball": {k: oddball_compare(probes[k], mates[k], a.oddballs) for k in ("signal", "gate")}}
             if level > 0:
-                record["whole_batch"] = {k: compare(values[k], base[k], a.bootstrap, a.seed, a.batch_size)
+                record["whole_batch"] = {k: compare(values[k], base[k], a.bootstrap, s.seed, a.batch_size)
                                          for k in ("signal", "gate")}
             records.append(record)
         values = {k: np.concatenate([rec.numpy()[k] for _, rec, _ in points]) for k in ("signal", "gate", "surprisal")}
         values["level"] = np.concatenate([np.full(len(rec.signal), level) for level, rec, _ in points])
-        rho = {f"{x}, {y}": rank_correlation(values[x], values[y], a.bootstrap, a.seed, a.batch_size)
+        rho = {f"{x}, {y}": rank_correlation(values[x], values[y], a.bootstrap, s.seed, a.batch_size)
                for x, y in CURVE_PAIRS}
-        prefix = f"dose-response | {model} | {axis}"
+        within = {f"{x}, {y}": within_level_correlation(values, x, y, s) for x, y in WITHIN_PAIRS}
+        prefix = f"dose-response | {axis}"
         effects = [effect(f"{prefix} | rho({pair})", r["rho"], 0.0) for pair, r in rho.items()]
+        effects += [effect(f"{prefix} | rho({pair}) within levels", r["rho"], 0.0) for pair, r in within.items()]
         for level, record in ((points[1][0], records[-len(points) + 1]), (points[-1][0], records[-1])):
             effects.append(effect(f"{prefix} | oddball signal AUROC at level {level:g}",
                                   record["oddball"]["signal"]["auroc"], 0.5))
-        records.append({"experiment": "dose-response", "model": model, "axis": axis, "level": "all",
-                        "spearman": rho, "effects": effects})
-    return records
+        records.append({"experiment": "dose-response", "axis": axis, "level": "all",
+                        "spearman": rho, "within_levels": within, "effects": effects})
+    return records + [across_axes_record([r for r in records if r["level"] == "all"])]
+
+
+UPDATES = (("update_1", "F's update in 1 step"), ("update_n", "F's update over {n} steps"),
+           ("gate_update_1", "F's update in 1 step on D's term alone"),
+           ("gate_update_n", "F's update over {n} steps on D's term alone"))
 
 
 def plasticity_records(s, found):
-    """Each condition's gradient from D into F and F's update, as ratios to the familiar condition's
-    (the gradient's interval: a bootstrap over the batches; each update is one trajectory)."""
+    """Each condition's gradient from D into F and F's updates (whole training steps, and steps on
+    D's term alone), as ratios to the familiar condition's (the gradient's interval: a bootstrap
+    over the batches; each update is one trajectory)."""
     a, records = s.args, []
     familiar = found[ex.FAMILIAR]
     g0 = np.array(familiar["gradient"])
@@ -162,18 +203,16 @@ def plasticity_records(s, found):
     for name, f in found.items():
         g = np.array(f["gradient"])
         record = {"experiment": "plasticity", "condition": name, "gradient_norm": summary(g),
-                  "update_1": f["update_1"], "update_n": f["update_n"], "steps": s.args.sustained_steps, "effects": []}
+                  **{k: f[k] for k, _ in UPDATES}, "steps": s.args.sustained_steps, "effects": []}
         if name != ex.FAMILIAR:
             record["ratio_to_familiar"] = {
-                "gradient": ratio(g, g0), "gradient_ci": bootstrap_interval(ratio, (g, g0), a.bootstrap, a.seed),
-                "gradient_batches": len(g), "update_1": f["update_1"] / familiar["update_1"],
-                "update_n": f["update_n"] / familiar["update_n"]}
+                "gradient": ratio(g, g0), "gradient_ci": bootstrap_interval(ratio, (g, g0), a.bootstrap, s.seed),
+                "gradient_batches": len(g), **{k: f[k] / familiar[k] for k, _ in UPDATES}}
             r = record["ratio_to_familiar"]
-            record["effects"] = [
-                effect(f"plasticity | {name} | D's gradient into F, ratio to familiar", r["gradient"], 1.0),
-                effect(f"plasticity | {name} | F's update in 1 step, ratio to familiar", r["update_1"], 1.0),
-                effect(f"plasticity | {name} | F's update over {s.args.sustained_steps} steps, ratio to familiar",
-                       r["update_n"], 1.0)]
+            record["effects"] = [effect(f"plasticity | {name} | D's gradient into F, ratio to familiar", r["gradient"],
+                                        1.0)]
+            record["effects"] += [effect(f"plasticity | {name} | {what.format(n=s.args.sustained_steps)}, ratio to "
+                                         f"familiar", r[k], 1.0) for k, what in UPDATES]
         records.append(record)
     return records
 
@@ -187,8 +226,7 @@ def familiarization_effects(stream):
     images differ; within-batch comparisons for the same reason."""
     T, K = stream.shown.shape
     novel_t, novel_k = np.nonzero(stream.shown < 0)
-    tenth = max(1, T // 10)
-    early, late = slice(0, tenth), slice(T - tenth, T)
+    early, late = tenths(T)
     effects = {"steps": T, "repeated": K, "novel_insertions": len(novel_t)}
     for key in ("signal", "gate"):
         repeated = stream.repeated(key)
@@ -207,17 +245,50 @@ def familiarization_effects(stream):
     return effects
 
 
+def tenths(T):
+    """The first and the last tenth of a stream of T steps (one step at least)."""
+    tenth = max(1, T // 10)
+    return slice(0, tenth), slice(T - tenth, T)
+
+
+def control_stream_effects(stream, recur=None):
+    """A control stream's drift (neuromodulation_experiments.control_stream): the mean over the last
+    tenth of its steps minus the mean over the first tenth, of every image shown there. No image
+    repeats in it (or only after `recur` steps), so this is what training on a stream does to the
+    scores without repetition, against which the repeated set's habituation is read."""
+    early, late = tenths(len(stream.signal))
+    effects = {"steps": len(stream.signal), "batch": stream.signal.shape[1], "images_recur_after_steps": recur}
+    for key in ("signal", "gate"):
+        values = getattr(stream, key)
+        effects[key] = {"by_step": values.mean(axis=1).tolist(), "drift": float(values[late].mean() - values[early].mean())}
+    return effects
+
+
 FAMILIARIZATION_MEASURES = (("habituation", 0.0), ("novelty_response", 0.0), ("novel_vs_batch_auroc", 0.5))
+CONTROL_MEASURES = (("control_drift", "the control stream's drift"),
+                    ("habituation_beyond_drift", "habituation minus the control stream's drift"))
 
 
-def familiarization_record(per_stream):
+def familiarization_record(per_stream, controls=None):
     """The streams' effects, and each measure's mean over the streams with a t-interval: the stream is
-    the unit (one stream is one sample, however many images it shows)."""
+    the unit (one stream is one sample, however many images it shows). With `controls`, one control
+    stream's effects per stream (control_stream_effects), also its drift and the habituation minus
+    it, stream by stream (the i-th stream against the i-th control)."""
     across = {}
     for key in ("signal", "gate"):
         across[key] = {m: mean_interval([e[key][m] for e in per_stream if m in e[key]])
                        for m, _ in FAMILIARIZATION_MEASURES if any(m in e[key] for e in per_stream)}
+        if controls:
+            drift = np.array([c[key]["drift"] for c in controls])
+            across[key]["control_drift"] = mean_interval(drift)
+            across[key]["habituation_beyond_drift"] = mean_interval(
+                np.array([e[key]["habituation"] for e in per_stream]) - drift)
     effects = [effect(f"familiarization | {key} | {m.replace('_', ' ')} (mean over streams)", across[key][m]["mean"], null)
                for key in ("signal", "gate") for m, null in FAMILIARIZATION_MEASURES if m in across[key]]
-    return {"experiment": "familiarization", "condition": "streams", "streams": len(per_stream),
-            "per_stream": per_stream, "across_streams": across, "effects": effects}
+    effects += [effect(f"familiarization | {key} | {what} (mean over streams)", across[key][m]["mean"], 0.0)
+                for key in ("signal", "gate") for m, what in CONTROL_MEASURES if m in across[key]]
+    record = {"experiment": "familiarization", "condition": "streams", "streams": len(per_stream),
+              "per_stream": per_stream, "across_streams": across, "effects": effects}
+    if controls:
+        record["control_streams"] = controls
+    return record

@@ -18,6 +18,11 @@ def _auroc_cell(c):
     return f"{c['auroc']:.3f} {_ci(c['auroc_ci'], c['few_batches'])}"
 
 
+def _whose(record):
+    """The networks a record is of; records from before the controls of every experiment said it as "model"."""
+    return record.get("networks") or record["model"]
+
+
 def print_wake_sleep(records):
     print("\nwake and sleep (per input: mean (sd); AUROC P(wake > sleep), bootstrap over the scored batches)")
     for r in records:
@@ -50,26 +55,33 @@ def print_novelty(records):
 
 def print_dose(records):
     print("\ndose-response: the familiar images moved along each axis (level 0: unchanged); per level the median "
-          "signal, gate and surprisal, the oddball AUROC of the signal; per axis Spearman's rho (bootstrap over batches)")
+          "signal, gate and surprisal, the oddball AUROC of the signal; per axis Spearman's rho pooled over the "
+          "levels and within them (the mean of each level's; bootstrap over batches)")
     for r in records:
-        if r["level"] == "all":
+        if r["axis"] == "all axes":
+            rho = "  ".join(f"rho({pair}) {value:+.2f}" for pair, value in r["within_levels_mean"].items())
+            print(f"  {_whose(r):<16} within levels, mean over the axes: {rho}")
+        elif r["level"] == "all":
             rho = "  ".join(f"rho({pair}) {c['rho']:+.2f} {_ci(c['ci'])}" for pair, c in r["spearman"].items())
-            print(f"  {r['model']:<16} {r['axis']:<9} {rho}")
+            within = "  ".join(f"rho({pair}) {c['rho']:+.2f} {_ci(c['ci'])}" for pair, c in r["within_levels"].items())
+            print(f"  {_whose(r):<16} {r['axis']:<9} pooled: {rho}\n  {'':<16} {'':<9} within levels: {within}")
         else:
-            print(f"  {r['model']:<16} {r['axis']:<9} level {r['level']:<4g} signal {r['signal']['median']:>8.4g}  "
+            print(f"  {_whose(r):<16} {r['axis']:<9} level {r['level']:<4g} signal {r['signal']['median']:>8.4g}  "
                   f"gate {r['gate']['median']:>9.4g}  surprisal {r['surprisal']['median']:>7.4g}  "
                   f"oddball AUROC {_auroc_cell(r['oddball']['signal'])}")
 
 
 def print_plasticity(records):
     print(f"\nplasticity: D's gradient into F (norm per batch) and F's Adam update after 1 and {records[0]['steps']} "
-          "steps on the condition, from the checkpoint's optimizer state; ratios to familiar")
+          "steps on the condition, from the networks' optimizer state: whole training steps, then steps on D's "
+          "term alone (the gate); ratios to familiar")
+    keys = ("update_1", "update_n", "gate_update_1", "gate_update_n")
     for r in records:
         q = r.get("ratio_to_familiar")
         ratios = (f"ratios {q['gradient']:.3g} {_ci(q['gradient_ci'], q['gradient_batches'] < MIN_BLOCKS)}, "
-                  f"{q['update_1']:.3g}, {q['update_n']:.3g}") if q else "reference"
-        print(f"  {r['condition']:<40} gradient {r['gradient_norm']['mean']:.4g}  update {r['update_1']:.4g}, "
-              f"{r['update_n']:.4g}  {ratios}")
+                  + ", ".join(f"{q[k]:.3g}" for k in keys)) if q else "reference"
+        print(f"  {r['condition']:<40} gradient {r['gradient_norm']['mean']:.4g}  update "
+              + ", ".join(f"{r[k]:.4g}" for k in keys) + f"  {ratios}")
 
 
 def print_familiarization(record):
@@ -128,7 +140,7 @@ def plot_dose(records, path):
         return
     points = [r for r in records if r["level"] != "all"]
     axes_names = list(dict.fromkeys(r["axis"] for r in points))
-    models = list(dict.fromkeys(r["model"] for r in points))
+    models = list(dict.fromkeys(_whose(r) for r in points))
     rows = (("signal", "signal - its level-0 median"), ("gate", "gate (median)"), ("surprisal", "surprisal (median)"),
             ("auroc", "oddball AUROC of the signal"))
     fig, axes = plt.subplots(len(rows), len(axes_names), figsize=(3.2 * len(axes_names), 9.5), squeeze=False,
@@ -137,7 +149,7 @@ def plot_dose(records, path):
         for col, axis in enumerate(axes_names):
             ax = axes[row][col]
             for i, model in enumerate(models):
-                rs = [r for r in points if r["axis"] == axis and r["model"] == model]
+                rs = [r for r in points if r["axis"] == axis and _whose(r) == model]
                 level, mid, band = _dose_curve(rs, key)
                 ax.plot(level, mid, "o-", ms=3, color=f"C{i}", label=model)
                 ax.fill_between(level, *zip(*band), color=f"C{i}", alpha=0.2)

@@ -21,6 +21,8 @@ def batch_effects(paths):
     for path in paths:
         with open(os.path.join(path, "neuromodulation", "records.json") if os.path.isdir(path) else path) as f:
             for r in json.load(f):
+                if r.get("networks", "trained") != "trained":  # a control's batch effect is its own row elsewhere
+                    continue
                 for key, value in (r.get("batch_effect") or {}).items():
                     ratio = r["oddball"][key]["mean_difference"] / r["whole_batch"][key]["mean_difference"]
                     found.setdefault((r["condition"], key), []).append((value, ratio))

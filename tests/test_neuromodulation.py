@@ -150,10 +150,11 @@ def test_each_condition_is_scored_in_batches_of_its_own(trained, mnist_root, tmp
     assert set(sizes) == {8}
     assert nm.main(["--path", str(trained), "--experiments", "novelty", "--ood-dataset", "cifar10", "--ood-data",
                     write_cifar10(tmp_path / "cifar"), "--json", str(beside), *SMALL]) == 0
-    a, b = _records(alone), _records(beside)
-    assert [r["condition"] for r in b][-1] == "OOD: cifar10"
-    for ra, rb in zip(a, b):  # the four built-in conditions, equal to the last digit
-        assert ra["condition"] == rb["condition"] and ra["signal"] == rb["signal"] and ra["gate"] == rb["gate"]
+    for networks in ("trained", "initialization"):
+        a, b = ([r for r in _records(path) if r["networks"] == networks] for path in (alone, beside))
+        assert [r["condition"] for r in b][-1] == "OOD: cifar10" and len(b) == len(a) + 1 == 5
+        for ra, rb in zip(a, b):  # the four built-in conditions, equal to the last digit
+            assert ra["condition"] == rb["condition"] and ra["signal"] == rb["signal"] and ra["gate"] == rb["gate"]
 
 
 def test_the_same_seed_gives_the_same_records_and_the_checkpoint_stays_byte_identical(trained, tmp_path, capsys):
@@ -219,8 +220,10 @@ def test_the_weight_is_recorded_only_for_runs_it_acted_in(mnist_root, trained, t
     for path, want in ((trained, False), (scaled, True)):
         out = tmp_path / f"{want}.jsonl"
         assert nm.main(["--path", str(path), "--experiments", "wake-sleep", "--json", str(out), *SMALL]) == 0
-        wake, sleep = _records(out)
-        assert ("weight" in wake) == want and "weight" not in sleep  # it weighs wake states' terms only
+        records = _records(out)
+        assert [r["networks"] for r in records] == ["trained"] * 2 + ["initialization"] * 2
+        for wake, sleep in (records[:2], records[2:]):  # the control records as the run's flags say
+            assert ("weight" in wake) == want and "weight" not in sleep  # it weighs wake states' terms only
 
 
 def test_an_image_folders_draw_is_seeded_not_its_first_images_in_class_order(tmp_path):
@@ -291,7 +294,8 @@ def test_importing_train_does_not_import_the_experiments_script():
 
 # --- The split by job: the command line calls neuromodulation_records.py and neuromodulation_report.py ---
 
-COMMON = {"checkpoint", "epoch", "model", "dataset", "data", "classes", "d_gradients", "batch_size", "flags", "time"}
+COMMON = {"checkpoint", "epoch", "model", "dataset", "data", "classes", "d_gradients", "batch_size", "image_seed",
+          "image_seed_from", "flags", "time"}
 
 
 def test_the_command_line_makes_no_record_table_or_figure_of_its_own():
@@ -299,46 +303,56 @@ def test_the_command_line_makes_no_record_table_or_figure_of_its_own():
     uses is the one its module defines (a copy left behind in the script would show here)."""
     functions = {n: f for n, f in vars(nm).items() if inspect.isfunction(f)}
     own = {n for n, f in functions.items() if f.__module__ == "neuromodulation"}
-    assert own == {"get_parser", "check_args", "setup", "control_networks", "run_experiments", "neuromodulation",
-                   "main"}
+    assert own == {"get_parser", "check_args", "setup", "image_seed", "control_networks", "one_experiment",
+                   "run_experiments", "neuromodulation", "main"}
     used = {n: f.__module__ for n, f in functions.items() if f.__module__.startswith("neuromodulation_")}
     assert {n for n, m in used.items() if m == "neuromodulation_records"} == {
         "wake_sleep_records", "novelty_records", "dose_records", "plasticity_records", "familiarization_effects",
-        "familiarization_record"}
+        "familiarization_record", "of_networks", "control_stream_effects"}
     assert {n for n, m in used.items() if m == "neuromodulation_report"} == {
         "print_wake_sleep", "print_novelty", "print_dose", "print_plasticity", "print_familiarization",
         "plot_conditions", "plot_dose", "plot_familiarization"}
 
 
-def _direct(s, out):
-    """Every experiment's records, tables and figures by the records' and the report's functions, called
-    here on the experiments' results: {experiment: records}, the printed tables, the figures in out.
-    Plasticity before familiarization, as the run does: each continues the checkpoint's Adam state in
-    memory, which the one before has stepped (repeated runs agree: the same order)."""
-    inputs = ex.novelty_inputs(s)
-    conditions, reference = ex.wake_sleep(s)
-    whole, oddball = ex.novelty(s, inputs)
-    doses = ex.dose_inputs(s)
+def _of_subject(s, subject, inputs, doses):
+    """{experiment: records} of one subject, and what the figures draw (the trained networks')."""
+    conditions, reference = ex.wake_sleep(s, subject.nets)
+    whole, oddball = ex.novelty(s, inputs, subject.nets)
     found = {"wake-sleep": nr.wake_sleep_records(s, conditions, reference),
              "novelty": nr.novelty_records(s, whole, oddball),
-             "dose-response": nr.dose_records(s, "trained", ex.dose_response(s, s.nets, doses))
-             + nr.dose_records(s, "initialization", ex.dose_response(s, ex.initial_networks(s), doses)),
-             "plasticity": nr.plasticity_records(s, ex.plasticity(s, inputs))}
-    streams = [ex.familiarization(s, i) for i in range(s.args.streams)]
-    found["familiarization"] = [nr.familiarization_record([nr.familiarization_effects(st) for st in streams])]
+             "dose-response": nr.dose_records(s, ex.dose_response(s, subject.nets, doses)),
+             "plasticity": nr.plasticity_records(s, ex.plasticity(s, inputs, subject))}
+    streams = [ex.familiarization(s, i, subject) for i in range(s.args.streams)]
+    controls = [nr.control_stream_effects(*ex.control_stream(s, i, subject)) for i in range(s.args.streams)]
+    found["familiarization"] = [nr.familiarization_record([nr.familiarization_effects(st) for st in streams],
+                                                          controls)]
+    return {name: nr.of_networks(records, subject) for name, records in found.items()}, (conditions, whole, streams)
+
+
+def _direct(s, out):
+    """Every experiment's records, tables and figures by the records' and the report's functions, called
+    here on the experiments' results, for the trained networks and the default control (init):
+    {experiment: records}, the printed tables, the figures in out."""
+    inputs, doses = ex.novelty_inputs(s), ex.dose_inputs(s)
+    subjects = [ex.trained(s), ex.initial_networks(s)]
+    made = [_of_subject(s, subject, inputs, doses) for subject in subjects]
+    found = {name: [r for of_one, _ in made for r in of_one[name]] for name in made[0][0]}
+    conditions, whole, streams = made[0][1]
     tables = io.StringIO()
     with contextlib.redirect_stdout(tables):
-        for name, show in (("wake-sleep", report.print_wake_sleep), ("novelty", report.print_novelty),
-                           ("dose-response", report.print_dose), ("plasticity", report.print_plasticity)):
-            show(found[name])
+        for of_one, _ in made:
+            for name, show in (("wake-sleep", report.print_wake_sleep), ("novelty", report.print_novelty),
+                               ("dose-response", report.print_dose), ("plasticity", report.print_plasticity)):
+                show(of_one[name])
+                print("--")
+            report.print_familiarization(of_one["familiarization"][0])
             print("--")
-        report.print_familiarization(found["familiarization"][0])
     report.plot_conditions("wake and sleep", conditions, str(out / "wake-sleep.png"))
     report.plot_conditions("familiar, novel and out-of-distribution inputs (whole-batch)", list(whole.items()),
                            str(out / "novelty.png"))
     report.plot_dose(found["dose-response"], str(out / "dose-response.png"))
     report.plot_familiarization(streams[0], str(out / "familiarization.png"))
-    return found, tables.getvalue().split("--\n")
+    return found, [table for table in tables.getvalue().split("--\n") if table]
 
 
 def test_a_run_writes_prints_and_draws_what_the_records_and_report_functions_make(trained, tmp_path, capsys):

@@ -129,9 +129,10 @@ def test_a_run_on_some_classes_gets_a_novel_class_condition_and_its_controls(mni
     records = json.loads((out / "records.json").read_text())
     names = [r["condition"] for r in records if r["experiment"] == "novelty"]
     assert names[2] == "novel class: test split, labels 3 4 5 6 7 8 9"
-    assert {r["model"] for r in records if r["experiment"] == "dose-response"} == {"trained", "initialization"}
+    assert {r["networks"] for r in records if r["experiment"] == "dose-response"} == {"trained", "initialization"}
     effects = [e["effect"] for r in records for e in r.get("effects", [])]
-    assert "novelty | novel: test split | oddball | signal AUROC" in effects
+    assert "novelty | trained | novel: test split | oddball | signal AUROC" in effects
+    assert "novelty | initialization | novel: test split | oddball | signal AUROC" in effects
     assert "dose-response | trained | contrast | rho(signal, surprisal)" in effects
     assert all(r["classes"] == [0, 1, 2] for r in records)
 
@@ -190,13 +191,17 @@ def test_plasticity_ratios_are_one_for_the_familiar_condition_itself(mnist_root,
     x = s.images(True, 32, "familiar")
     found = ex.plasticity(s, [(ex.FAMILIAR, x), ("the same images", x.clone())])
     assert len(found[ex.FAMILIAR]["gradient"]) == 4 and found[ex.FAMILIAR]["update_n"] > 0
-    known = {ex.FAMILIAR: {"gradient": [1.0, 3.0], "update_1": 0.5, "update_n": 4.0},
-             "same": {"gradient": [1.0, 3.0], "update_1": 0.5, "update_n": 4.0},
-             "odd": {"gradient": [3.0, 5.0], "update_1": 0.25, "update_n": 12.0}}
+    assert found[ex.FAMILIAR]["gate_update_n"] > 0
+    gate = {"gate_update_1": 0.1, "gate_update_n": 1.0}
+    known = {ex.FAMILIAR: {"gradient": [1.0, 3.0], "update_1": 0.5, "update_n": 4.0, **gate},
+             "same": {"gradient": [1.0, 3.0], "update_1": 0.5, "update_n": 4.0, **gate},
+             "odd": {"gradient": [3.0, 5.0], "update_1": 0.25, "update_n": 12.0, "gate_update_1": 0.4,
+                     "gate_update_n": 0.5}}
     records = {r["condition"]: r for r in nr.plasticity_records(s, known)}
     assert "ratio_to_familiar" not in records[ex.FAMILIAR]
     assert records["same"]["ratio_to_familiar"]["gradient"] == 1.0
     odd = records["odd"]["ratio_to_familiar"]
     # mean gradient 4 over 2, the one-step update 0.25 over 0.5, the sustained one 12 over 4
     assert (odd["gradient"], odd["update_1"], odd["update_n"], odd["gradient_batches"]) == (2.0, 0.5, 3.0, 2)
-    assert [e["value"] for e in records["odd"]["effects"]] == [2.0, 0.5, 3.0]
+    # and D's term alone: 0.4 over 0.1 in one step, 0.5 over 1 in the sustained ones
+    assert [e["value"] for e in records["odd"]["effects"]] == [2.0, 0.5, 3.0, 4.0, 0.5]
