@@ -178,13 +178,13 @@ def inside_null(rows, key):
     return " *" if ps and min(ps) > 0.01 else ""
 
 
-def table(keyed, columns):
+def table(keyed, columns, differences=True):
     lines = ["| change | seeds | " + " | ".join(title for _, title in columns) + " |",
              "|---|---:|" + "---:|" * len(columns)]
     for name, rows in keyed.items():
         lines.append(f"| {name} | {len(rows)} | " + " | ".join(cell(rows, key) + inside_null(rows, key)
                                                                for key, _ in columns) + " |")
-    base = keyed.get("baseline", [])
+    base = keyed.get("baseline", []) if differences else []
     for name, rows in keyed.items():
         if name == "baseline" or len(rows) < 2 or len(base) < 2:
             continue
@@ -251,7 +251,9 @@ def main(argv=None):
     keyed = groups(rows)
     for title, text in (("Graded wake/sleep distance H (measure_inference.py; 0: matched; * inside its permutation "
                          "null, p > 0.01, in every seed)", table(keyed, GRADED)),
-                        ("The same, the networks at initialization", table(keyed, UNTRAINED)),
+                        ("The same, the networks at initialization (no Welch rows: the same seed starts "
+                         "a change from the baseline's weights)",
+                         table(keyed, UNTRAINED, differences=False)),
                         ("Where the match breaks, block k of G: the fraction of the inferred h(k-1)'s variance G's "
                          "noiseless block of hk explains; H of G's descent one block down from wake hk of other "
                          "images", table(keyed, BLOCKS)),
