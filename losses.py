@@ -229,8 +229,9 @@ class StepTerms:
 
 
 def d_terms(D, states, hp, graph=True):
-    """(score, state gradients, their per-sample L1 norms) of D at data states, by the path hp asks for;
-    graph=False: the state gradients alone are wanted (F following a stepped D)."""
+    """(score, state gradients, their per-sample norms, L1 or L2 as hp.d_penalty wants) of D at data
+    states, by the path hp asks for; graph=False: the state gradients alone are wanted (F following a
+    stepped D)."""
     norm = D_PENALTIES[hp.d_penalty][1]
     if hp.d_gradients == "autograd" or norm != "l1":  # the written-out path gives L1 norms only
         return score_and_state_gradients(D, states, create_graph=graph, norm=norm)

@@ -32,7 +32,7 @@ from checkpoint import CHECKPOINT_NAME, CheckpointError, check_architecture, che
     save_checkpoint
 from data import DATASETS, DataError, DataMissing, TensorBatches, channels_of, class_labels, make_batches, num_images
 from matching_metrics import MatchingDuringTraining
-from losses import METRICS, StepConfig
+from losses import D_PENALTIES, METRICS, StepConfig
 from metrics import format_probe, layer_features, linear_probe
 from models import ModelConfig, Networks
 from recording import NoveltyGap
@@ -101,7 +101,7 @@ def _objective_flags(p):
                    help="1: pure wake-sleep; <1 adds the readout image critic; 0: a WGAN-GP")
     g.add_argument("--lamda", type=float, default=0.3, help="weight of D's L1 gradient penalty on states")
     g.add_argument("--lamda2", type=float, default=10.0, help="weight of the readout's L2 gradient penalty on images")
-    g.add_argument("--d-penalty", default="one-sided-l1", choices=("one-sided-l1", "two-sided-l2"),
+    g.add_argument("--d-penalty", default="one-sided-l1", choices=tuple(D_PENALTIES),
                    help="D's gradient penalty on states: one-sided-l1, mean(||grad||_1 - 1) (the release's); "
                         "two-sided-l2, mean((||grad||_2 - 1)^2), WGAN-GP's form")
     g.add_argument("--kl-from-sn", action="store_true", help="pull inferred Layer5 towards N(0, 1) (KL, weight 1e-4)")

@@ -39,7 +39,7 @@ IGNORED = {"out", "seed", "resume", "epochs", "device", "gpu", "workers", "data"
            "matching_every", "probe_folds"}
 # Flags a run made before an option existed did not record: it ran the option's default.
 DEFAULTS = {"norm_order": "release", "inference_batchnorm": True, "inference_noise": 0.01, "generator_noise": 0.01,
-            "d_hidden": 128}
+            "d_hidden": 128, "dream_noise": "release", "d_penalty": "one-sided-l1", "lr_scale": 0.01}
 LAYERS = range(1, 6)
 GRADED = [(f"H_h{l}", f"h{l}") for l in range(6)] + [("H_whole", "whole")]
 UNTRAINED = [(f"H0_h{l}", f"h{l}") for l in range(6)] + [("H0_whole", "whole")]

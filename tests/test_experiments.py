@@ -216,6 +216,7 @@ def test_matching_groups_runs_by_the_flags_they_change_from_the_first(tmp_path, 
     keyed = matching.groups(rows)
     assert list(keyed) == ["baseline", "--lamda 0.07", "60 steps"]
     assert rows[0]["args"]["generator_noise"] == 0.01  # an option the run predates: its default
+    assert rows[0]["args"]["dream_noise"] == "release" and rows[0]["args"]["d_penalty"] == "one-sided-l1"
     assert rows[2]["ts_h1-h4"] == pytest.approx((0.6 + 3) / 4) and rows[2]["fd"] == 50
     assert matching.curves(runs[4])["h1"] == [(e, 1.0) for e in range(1, 7)]
     assert matching.curves(runs[4], "distance")["h1"] == [(e, 0.1) for e in range(1, 7)]
